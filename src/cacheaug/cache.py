@@ -1,0 +1,111 @@
+"""Every read, copy, slice and extension of a transformers kv-cache lives here (transformers 5.x API).
+
+A cache is a ``transformers.DynamicCache`` whose ``layers[i]`` hold ``keys``/``values`` tensors of shape
+(B, H_kv, T, D). Any forward pass given a cache appends to it in place, so everything that hands a cache
+to a model first makes its own copy with :func:`copy_cache`.
+"""
+
+from __future__ import annotations
+
+import copy
+
+import torch
+from transformers import DynamicCache
+from transformers.cache_utils import Cache, DynamicLayer, DynamicSlidingWindowLayer
+
+__all__ = [
+    "new_cache",
+    "full_length_cache",
+    "copy_cache",
+    "first_layers",
+    "cache_length",
+    "cache_tensors",
+    "cache_from_tensors",
+    "caches_equal",
+]
+
+
+def new_cache(config) -> DynamicCache:
+    """An empty cache laid out as the model's own (sliding-window layers keep only their window)."""
+    return DynamicCache(config=config)
+
+
+def full_length_cache() -> DynamicCache:
+    """An empty cache whose layers keep every position, including those of sliding-window layers.
+
+    Multi-point training needs the whole prefix at every layer: the window is then enforced by the
+    block masks (masks.py), not by dropping old keys.
+    """
+    return DynamicCache()
+
+
+def _check_supported(cache: Cache) -> None:
+    if not isinstance(cache, DynamicCache):
+        raise TypeError(
+            f"cacheaug works on transformers.DynamicCache, got {type(cache).__name__}; "
+            "prefill with use_cache=True and no explicit cache to get one"
+        )
+
+
+def copy_cache(cache: Cache) -> DynamicCache:
+    """A cache that can be extended without touching ``cache``.
+
+    DynamicLayer.update rebinds ``keys``/``values`` to ``torch.cat(...)`` results and never writes into the
+    stored tensors, so a shallow copy of each layer object is enough and costs no tensor memory.
+    """
+    _check_supported(cache)
+    duplicate = copy.copy(cache)
+    duplicate.layers = [copy.copy(layer) for layer in cache.layers]
+    for layer in duplicate.layers:
+        if not isinstance(layer, DynamicLayer):
+            raise TypeError(f"unsupported cache layer {type(layer).__name__}: only dynamic layers can be copied")
+    return duplicate
+
+
+def first_layers(cache: Cache, num_layers: int) -> DynamicCache:
+    """A copy holding only layers ``0..num_layers-1`` (a coprocessor of the first k layers reads those)."""
+    duplicate = copy_cache(cache)
+    if num_layers > len(duplicate.layers):
+        raise ValueError(f"cache has {len(duplicate.layers)} layers, asked for {num_layers}")
+    duplicate.layers = duplicate.layers[:num_layers]
+    return duplicate
+
+
+def cache_length(cache: Cache) -> int:
+    """Number of positions the cache has seen (for sliding layers: including evicted ones)."""
+    return cache.get_seq_length()
+
+
+def cache_tensors(cache: Cache) -> list[tuple[torch.Tensor, torch.Tensor]]:
+    """Per layer (keys, values), each (B, H_kv, T_layer, D)."""
+    _check_supported(cache)
+    return [(layer.keys, layer.values) for layer in cache.layers]
+
+
+def cache_from_tensors(tensors: list[tuple[torch.Tensor, torch.Tensor]], like: Cache | None = None) -> DynamicCache:
+    """Rebuild a cache from per-layer (keys, values); layer kinds and window state copied from ``like``."""
+    if like is None:
+        cache = DynamicCache()
+        for layer_idx, (keys, values) in enumerate(tensors):
+            cache.update(keys, values, layer_idx)
+        return cache
+    cache = copy_cache(like)
+    if len(cache.layers) != len(tensors):
+        raise ValueError(f"{len(tensors)} layers of tensors for a cache of {len(cache.layers)} layers")
+    for layer, (keys, values) in zip(cache.layers, tensors):
+        layer.keys, layer.values = keys, values
+    return cache
+
+
+def caches_equal(a: Cache, b: Cache) -> bool:
+    """Same layers, same lengths, bit-identical tensors."""
+    if len(a.layers) != len(b.layers) or cache_length(a) != cache_length(b):
+        return False
+    for layer_a, layer_b in zip(a.layers, b.layers):
+        if type(layer_a) is not type(layer_b):
+            return False
+        if isinstance(layer_a, DynamicSlidingWindowLayer) and layer_a.cumulative_length != layer_b.cumulative_length:
+            return False
+        if not (torch.equal(layer_a.keys, layer_b.keys) and torch.equal(layer_a.values, layer_b.values)):
+            return False
+    return True

@@ -1,0 +1,115 @@
+"""Saving and loading coprocessor checkpoints: PEFT-style folders of the trainable part, written atomically."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import tempfile
+from pathlib import Path
+
+import torch
+from safetensors import SafetensorError
+from safetensors.torch import load_file, save_file
+
+from .config import CoprocessorConfig, base_identity_from_config, identity_mismatches
+
+WEIGHTS_NAME = "coprocessor.safetensors"
+CONFIG_NAME = "cacheaug_config.json"
+FORMAT_VERSION = 1
+
+
+class CheckpointError(ValueError):
+    """A checkpoint folder is missing, damaged, or made for another base model."""
+
+
+def atomic_directory(target: str | os.PathLike, write) -> Path:
+    """Call ``write(tmp_dir)`` then rename tmp_dir to ``target``: a crash never leaves half a folder.
+
+    An existing ``target`` is replaced only after the new folder is complete.
+    """
+    target = Path(target)
+    target.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}.tmp-", dir=target.parent))
+    try:
+        write(tmp)
+        if target.exists():
+            old = target.with_name(f".{target.name}.old-{os.getpid()}")
+            os.replace(target, old)
+            os.replace(tmp, target)
+            shutil.rmtree(old)
+        else:
+            os.replace(tmp, target)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return target
+
+
+def save_adapter(lm, directory: str | os.PathLike, extra: dict | None = None) -> Path:
+    """Write ``coprocessor.safetensors`` (trainable tensors only) and ``cacheaug_config.json``."""
+    state = {name: t.detach().contiguous().cpu() for name, t in lm.trainable_state_dict().items()}
+    description = {
+        "format_version": FORMAT_VERSION,
+        "coprocessor": lm.config.to_dict(),
+        "trainable_parameters": int(sum(t.numel() for t in state.values())),
+        **(extra or {}),
+    }
+
+    def write(tmp: Path) -> None:
+        save_file(state, str(tmp / WEIGHTS_NAME), metadata={"format": "pt", "library": "cacheaug"})
+        (tmp / CONFIG_NAME).write_text(json.dumps(description, indent=2, sort_keys=True) + "\n")
+
+    return atomic_directory(directory, write)
+
+
+def read_config(directory: str | os.PathLike) -> CoprocessorConfig:
+    path = Path(directory) / CONFIG_NAME
+    if not path.is_file():
+        raise CheckpointError(f"{directory} is not a cacheaug checkpoint: {CONFIG_NAME} is missing")
+    try:
+        description = json.loads(path.read_text())
+    except json.JSONDecodeError as error:
+        raise CheckpointError(f"{path} is not valid JSON ({error})") from None
+    return CoprocessorConfig.from_dict(description["coprocessor"])
+
+
+def load_adapter(directory: str | os.PathLike, base=None):
+    """Rebuild an AugmentedLM from a checkpoint folder, on ``base`` or on the base model it names."""
+    from .coprocessor import AugmentedLM
+
+    config = read_config(directory)
+    if base is None:
+        from .models import load_base
+
+        base, _ = load_base(config.base_model)
+    current = base_identity_from_config(base.config, getattr(base, "name_or_path", None) or None)
+    mismatches = identity_mismatches(config.base_identity, current)
+    if mismatches:
+        raise CheckpointError(
+            f"checkpoint {directory} was made for base {config.base_identity.get('name')!r}, "
+            f"not {current['name']!r}: " + "; ".join(mismatches)
+        )
+    lm = AugmentedLM(base, config)
+    load_trainable_weights(lm, Path(directory) / WEIGHTS_NAME)
+    return lm
+
+
+def load_trainable_weights(lm, path: Path) -> None:
+    try:
+        state = load_file(str(path))
+    except FileNotFoundError:
+        raise CheckpointError(f"{path} is missing") from None
+    except (SafetensorError, OSError, ValueError) as error:
+        raise CheckpointError(f"{path} is damaged or truncated ({error})") from None
+    expected = lm.trainable_state_dict()
+    missing, unexpected = sorted(set(expected) - set(state)), sorted(set(state) - set(expected))
+    if missing or unexpected:
+        raise CheckpointError(f"{path} does not fit this coprocessor: missing {missing[:5]}, unexpected {unexpected[:5]}")
+    with torch.no_grad():
+        for name, parameter in expected.items():
+            if state[name].shape != parameter.shape:
+                raise CheckpointError(
+                    f"{path}: {name} has shape {tuple(state[name].shape)}, expected {tuple(parameter.shape)}"
+                )
+            parameter.copy_(state[name])

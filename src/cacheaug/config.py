@@ -1,0 +1,127 @@
+"""Typed, validated configuration dataclasses for cacheaug."""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+from dataclasses import dataclass, field
+from typing import Any
+
+COPROCESSOR_INITS = ("pretrained", "scratch")
+
+
+class ConfigError(ValueError):
+    """A configuration value is invalid; the message names the field and the value."""
+
+
+def _check_positive_int(name: str, value: Any, allow_none: bool = False) -> None:
+    if value is None and allow_none:
+        return
+    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+        raise ConfigError(f"{name} must be a positive integer, got {value!r}")
+
+
+@dataclass
+class CoprocessorConfig:
+    """What the coprocessor is and how it is trained (arXiv 2412.17747, sections 2.2-2.3).
+
+    Fields left ``None`` are filled from the base model by :meth:`resolve`; a saved config always holds
+    the resolved values plus the base model's identity, so a checkpoint describes itself.
+    """
+
+    num_latents: int = 16  # N_L: soft tokens in, latent embeddings out
+    num_ahead: int = 16  # N_A: tokens after the latents whose likelihood is trained
+    num_points: int = 16  # augmentation points sampled per training sequence
+    init: str = "pretrained"  # "pretrained": copy of the base's weights; "scratch": re-initialised
+    lora_rank: int | None = None  # None: full fine-tune of the copy; int: LoRA adapters (peft)
+    lora_alpha: float | None = None  # None: equal to lora_rank (scale 1)
+    num_layers: int | None = None  # None: all of the base's layers; k: the first k layers
+    latents_after_norm: bool = True  # latents taken after the coprocessor's final norm
+    # Filled by resolve(): who the coprocessor was built for.
+    base_model: str | None = None
+    base_identity: dict[str, Any] = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        _check_positive_int("num_latents", self.num_latents)
+        _check_positive_int("num_ahead", self.num_ahead)
+        _check_positive_int("num_points", self.num_points)
+        _check_positive_int("lora_rank", self.lora_rank, allow_none=True)
+        _check_positive_int("num_layers", self.num_layers, allow_none=True)
+        if self.init not in COPROCESSOR_INITS:
+            raise ConfigError(f"init must be one of {COPROCESSOR_INITS}, got {self.init!r}")
+        if self.lora_rank is not None and self.init == "scratch":
+            # LoRA freezes the copy; a frozen random copy would make the adapters meaningless.
+            raise ConfigError("lora_rank needs init='pretrained': LoRA on a randomly initialised frozen copy")
+        if self.lora_alpha is not None and (not isinstance(self.lora_alpha, (int, float)) or self.lora_alpha <= 0):
+            raise ConfigError(f"lora_alpha must be a positive number, got {self.lora_alpha!r}")
+        if not isinstance(self.latents_after_norm, bool):
+            raise ConfigError(f"latents_after_norm must be true or false, got {self.latents_after_norm!r}")
+
+    def resolve(self, base_config: Any, base_model: str | None = None) -> "CoprocessorConfig":
+        """Return a copy with every ``None`` field filled from the base's HF config."""
+        text_config = base_config.get_text_config()
+        total_layers = text_config.num_hidden_layers
+        num_layers = total_layers if self.num_layers is None else self.num_layers
+        if num_layers > total_layers:
+            raise ConfigError(f"num_layers={num_layers} but the base model has only {total_layers} layers")
+        identity = base_identity_from_config(base_config, base_model)
+        return dataclasses.replace(
+            self,
+            num_layers=num_layers,
+            lora_alpha=self.lora_alpha if self.lora_alpha is not None or self.lora_rank is None else float(self.lora_rank),
+            base_model=identity["name"],
+            base_identity=identity,
+        )
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> "CoprocessorConfig":
+        known = {f.name for f in dataclasses.fields(cls)}
+        unknown = sorted(set(data) - known)
+        if unknown:
+            raise ConfigError(f"unknown coprocessor config key(s) {unknown}; known keys: {sorted(known)}")
+        return cls(**data)
+
+    def to_json(self) -> str:
+        return json.dumps(self.to_dict(), indent=2, sort_keys=True)
+
+
+# Dimensions that must agree for a coprocessor to run on a base model.
+IDENTITY_KEYS = (
+    "model_type",
+    "hidden_size",
+    "num_hidden_layers",
+    "num_attention_heads",
+    "num_key_value_heads",
+    "head_dim",
+    "vocab_size",
+)
+
+
+def base_identity_from_config(base_config: Any, name: str | None = None) -> dict[str, Any]:
+    """The base model's name and the dimensions a checkpoint depends on."""
+    text = base_config.get_text_config()
+    heads = getattr(text, "num_attention_heads", None)
+    hidden = getattr(text, "hidden_size", None)
+    identity = {
+        "name": name or getattr(base_config, "name_or_path", None) or getattr(base_config, "_name_or_path", None) or "unknown",
+        "model_type": text.model_type,
+        "hidden_size": hidden,
+        "num_hidden_layers": text.num_hidden_layers,
+        "num_attention_heads": heads,
+        "num_key_value_heads": getattr(text, "num_key_value_heads", heads),
+        "head_dim": getattr(text, "head_dim", None) or (hidden // heads if hidden and heads else None),
+        "vocab_size": text.vocab_size,
+    }
+    return identity
+
+
+def identity_mismatches(saved: dict[str, Any], current: dict[str, Any]) -> list[str]:
+    """Human-readable differences between a checkpoint's base identity and a loaded base."""
+    return [
+        f"{key}: checkpoint {saved.get(key)!r} vs base {current.get(key)!r}"
+        for key in IDENTITY_KEYS
+        if key in saved and saved.get(key) != current.get(key)
+    ]

@@ -1,0 +1,348 @@
+"""The coprocessor and AugmentedLM: a frozen base whose kv-cache a trainable coprocessor augments.
+
+Implements Liu et al., "Deliberation in Latent Space via Differentiable Cache Augmentation"
+(arXiv 2412.17747): section 2.2 (kv-cache -> coprocessor -> latent embeddings -> base) and section 2.3
+(training many augmentation points of a sequence in one forward pass with block attention masks).
+"""
+
+from __future__ import annotations
+
+import copy
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from . import cache as kv
+from .config import CoprocessorConfig
+from .masks import block_attention_mask, group_layout
+
+
+@dataclass
+class AugmentedCache:
+    """The base's cache after a prefix (and, when augmented, its latents), ready to decode from."""
+
+    cache: object  # transformers DynamicCache holding prefix (+ latents)
+    next_position: int  # position id of the next token fed to the base
+    logits: torch.Tensor  # (B, V) base logits predicting the next token
+    latents: torch.Tensor | None = None  # (B, N_L, H) latent embeddings written into the cache
+
+
+@dataclass
+class LossOutput:
+    loss: torch.Tensor  # scalar: mean NLL over every scored ahead token
+    nll_by_offset: torch.Tensor  # (N_A,) mean NLL of the k-th token after the latents (detached)
+    num_tokens: int  # ahead tokens scored
+
+
+def _layer_list_name(decoder: nn.Module) -> str:
+    for name in ("layers", "h"):
+        if isinstance(getattr(decoder, name, None), nn.ModuleList):
+            return name
+    raise NotImplementedError(f"cannot find the decoder layers of {type(decoder).__name__}")
+
+
+def _final_norm_name(decoder: nn.Module) -> str:
+    for name in ("norm", "ln_f", "final_layernorm"):
+        if isinstance(getattr(decoder, name, None), nn.Module):
+            return name
+    raise NotImplementedError(f"cannot find the final norm of {type(decoder).__name__}")
+
+
+def embedding_output_std(base: nn.Module, sample: int = 4096) -> float:
+    """Std of what the base's embedding layer hands its first layer (includes Gemma's sqrt(H) scale)."""
+    embeddings = base.get_input_embeddings()
+    ids = torch.arange(min(sample, embeddings.num_embeddings), device=embeddings.weight.device)
+    with torch.no_grad():
+        return embeddings(ids).float().std().item()
+
+
+class Coprocessor(nn.Module):
+    """A copy of the base's decoder stack (no token embedding, no LM head) plus N_L soft tokens.
+
+    It reads the base's kv-cache layer by layer as its past and maps the soft tokens to N_L latent
+    embeddings in one forward pass.
+    """
+
+    def __init__(self, base: nn.Module, config: CoprocessorConfig):
+        super().__init__()
+        decoder = base.get_decoder()
+        embeddings = base.get_input_embeddings()
+        # memo maps the embedding table to None, so the copy shares nothing and holds no second table.
+        stack = copy.deepcopy(decoder, memo={id(embeddings): None})
+        layers_name = _layer_list_name(stack)
+        total_layers = len(getattr(stack, layers_name))
+        if config.num_layers < total_layers:
+            setattr(stack, layers_name, getattr(stack, layers_name)[: config.num_layers])
+            stack.config.num_hidden_layers = config.num_layers
+            if hasattr(stack.config, "n_layer"):
+                stack.config.n_layer = config.num_layers
+            if getattr(stack.config, "layer_types", None) is not None:
+                stack.config.layer_types = stack.config.layer_types[: config.num_layers]
+        if not config.latents_after_norm:
+            setattr(stack, _final_norm_name(stack), nn.Identity())
+        if config.init == "scratch":
+            stack.apply(stack._init_weights)
+        stack.requires_grad_(config.lora_rank is None)
+        if config.lora_rank is not None:
+            from peft import LoraConfig, inject_adapter_in_model
+
+            lora = LoraConfig(
+                r=config.lora_rank, lora_alpha=config.lora_alpha, target_modules="all-linear", lora_dropout=0.0
+            )
+            stack = inject_adapter_in_model(lora, stack)
+            for name, parameter in stack.named_parameters():
+                parameter.requires_grad_("lora_" in name)
+        self.stack = stack
+        self.num_layers = config.num_layers
+        hidden_size = base.config.get_text_config().hidden_size
+        init_std = embedding_output_std(base)
+        dtype = embeddings.weight.dtype
+        self.soft_tokens = nn.Parameter(torch.randn(config.num_latents, hidden_size, dtype=dtype) * init_std)
+
+    def forward(
+        self,
+        past,
+        position_ids: torch.Tensor,
+        attention_mask: torch.Tensor | dict | None = None,
+        repeats: int = 1,
+    ) -> torch.Tensor:
+        """Latents (B, repeats*N_L, H) for soft tokens at ``position_ids`` (B, repeats*N_L) against ``past``.
+
+        ``past`` is consumed: the stack appends the soft tokens' keys to it.
+        """
+        batch = position_ids.shape[0]
+        soft = self.soft_tokens.repeat(repeats, 1).expand(batch, -1, -1)  # (B, repeats*N_L, H)
+        out = self.stack(
+            inputs_embeds=soft, cache=past, position_ids=position_ids, attention_mask=attention_mask, use_cache=True
+        )
+        return out.last_hidden_state
+
+
+class AugmentedLM(nn.Module):
+    """A frozen causal LM whose kv-cache a trainable coprocessor augments with latent embeddings."""
+
+    def __init__(self, base: nn.Module, config: CoprocessorConfig | None = None):
+        super().__init__()
+        config = config or CoprocessorConfig()
+        base.requires_grad_(False)
+        base.eval()
+        self.base = base
+        self.config = config.resolve(base.config, getattr(base, "name_or_path", None) or None)
+        self.coprocessor = Coprocessor(base, self.config)
+
+    # ------------------------------------------------------------------ bookkeeping
+    def train(self, mode: bool = True) -> "AugmentedLM":
+        super().train(mode)
+        self.base.eval()  # the base stays frozen: no dropout, whatever the coprocessor does
+        return self
+
+    def trainable_parameters(self) -> list[nn.Parameter]:
+        return [p for p in self.coprocessor.parameters() if p.requires_grad]
+
+    def trainable_state_dict(self) -> dict[str, torch.Tensor]:
+        return {name: p for name, p in self.coprocessor.named_parameters() if p.requires_grad}
+
+    def trainable_summary(self) -> str:
+        trainable = sum(p.numel() for p in self.trainable_parameters())
+        total = sum(p.numel() for p in self.base.parameters()) + sum(p.numel() for p in self.coprocessor.parameters())
+        return f"trainable {trainable / 1e6:.1f}M / {total / 1e6:.1f}M ({100 * trainable / total:.1f}%)"
+
+    @property
+    def device(self) -> torch.device:
+        return self.coprocessor.soft_tokens.device
+
+    def _positions(self, batch: int, start: int, length: int) -> torch.Tensor:
+        return torch.arange(start, start + length, device=self.device).expand(batch, -1)
+
+    # ------------------------------------------------------------------ inference
+    @torch.no_grad()
+    def prefill(self, input_ids: torch.Tensor, cache=None) -> AugmentedCache:
+        """Run the frozen base over ``input_ids`` (B, T), on a copy of ``cache`` when given."""
+        past = kv.new_cache(self.base.config) if cache is None else kv.copy_cache(cache)
+        start = kv.cache_length(past)
+        out = self.base(
+            input_ids=input_ids,
+            cache=past,
+            position_ids=self._positions(input_ids.shape[0], start, input_ids.shape[1]),
+            use_cache=True,
+            logits_to_keep=1,
+        )
+        return AugmentedCache(cache=past, next_position=start + input_ids.shape[1], logits=out.logits[:, -1])
+
+    def augment(self, input_ids: torch.Tensor | None = None, cache=None) -> AugmentedCache:
+        """Prefill ``input_ids`` (onto a copy of ``cache`` if given), then write N_L latents after it.
+
+        Differentiable with respect to the coprocessor; the caller's cache is never mutated.
+        """
+        if input_ids is None and cache is None:
+            raise ValueError("augment needs input_ids, a cache, or both")
+        if input_ids is not None:
+            if input_ids.ndim != 2 or input_ids.shape[1] == 0:
+                raise ValueError(f"input_ids must be (batch, length>0), got shape {tuple(input_ids.shape)}")
+            prefix = self.prefill(input_ids, cache).cache
+        else:
+            prefix = kv.copy_cache(cache)
+        batch = kv.cache_tensors(prefix)[0][0].shape[0]
+        start = kv.cache_length(prefix)
+        positions = self._positions(batch, start, self.config.num_latents)
+        latents = self.coprocessor(kv.first_layers(prefix, self.num_coprocessor_layers), positions)
+        out = self.base(inputs_embeds=latents, cache=prefix, position_ids=positions, use_cache=True, logits_to_keep=1)
+        return AugmentedCache(
+            cache=prefix, next_position=start + self.config.num_latents, logits=out.logits[:, -1], latents=latents
+        )
+
+    @property
+    def num_coprocessor_layers(self) -> int:
+        return self.coprocessor.num_layers
+
+    @torch.no_grad()
+    def generate(
+        self,
+        input_ids: torch.Tensor,
+        max_new_tokens: int,
+        augment: bool = True,
+        do_sample: bool = False,
+        temperature: float = 1.0,
+        top_p: float = 1.0,
+        seed: int | None = None,
+        eos_token_id: int | None = None,
+    ) -> torch.Tensor:
+        """Prompt + generated tokens (B, T + n); ``augment=False`` decodes with the plain base."""
+        from .generate import decode
+
+        state = self.augment(input_ids) if augment else self.prefill(input_ids)
+        tokens = decode(
+            self.base,
+            state,
+            max_new_tokens,
+            do_sample=do_sample,
+            temperature=temperature,
+            top_p=top_p,
+            seed=seed,
+            eos_token_id=eos_token_id,
+        ).tokens
+        return torch.cat([input_ids, tokens], dim=1)
+
+    # ------------------------------------------------------------------ training
+    def sample_points(self, batch: int, length: int, generator: torch.Generator | None = None) -> torch.Tensor:
+        """(B, P) distinct sorted points, uniform over 0..T-2 (every point has at least one ahead token)."""
+        candidates = length - 1
+        num_points = min(self.config.num_points, candidates)
+        scores = torch.rand(batch, candidates, generator=generator)
+        points = scores.topk(num_points, dim=1).indices.sort(dim=1).values
+        return points.to(self.device)
+
+    def _check_points(self, input_ids: torch.Tensor, points: torch.Tensor) -> None:
+        if input_ids.ndim != 2 or input_ids.shape[1] < 2:
+            raise ValueError(f"input_ids must be (batch, length>=2), got shape {tuple(input_ids.shape)}")
+        if points.ndim != 2 or points.shape[0] != input_ids.shape[0]:
+            raise ValueError(f"points must be (batch={input_ids.shape[0]}, P), got shape {tuple(points.shape)}")
+        length = input_ids.shape[1]
+        if points.numel() and (points.min() < 0 or points.max() > length - 2):
+            raise ValueError(f"augmentation points must lie in 0..{length - 2} (sequence length {length})")
+
+    def training_loss(
+        self, input_ids: torch.Tensor, points: torch.Tensor | None = None, generator: torch.Generator | None = None
+    ) -> LossOutput:
+        """The paper's loss for every augmentation point of every sequence, in one pass (section 2.3).
+
+        input_ids (B, T); points (B, P), point t = augment after reading x_0..x_t. Each point's latents and
+        its N_A-1 ahead input tokens form one group; targets are x_{t+1..t+N_A}, cut at the sequence end.
+        """
+        num_latents, num_ahead = self.config.num_latents, self.config.num_ahead
+        batch, length = input_ids.shape if input_ids.ndim == 2 else (0, 0)
+        if points is None:
+            points = self.sample_points(batch, length, generator)
+        points = points.to(self.device)
+        self._check_points(input_ids, points)
+        num_points = points.shape[1]
+
+        # 1. The prefix never depends on trainable weights: read it once, keep K/V of every layer in full.
+        prefix = kv.full_length_cache()
+        with torch.no_grad():
+            self.base.get_decoder()(input_ids=input_ids, cache=prefix, use_cache=True)
+        dtype = kv.cache_tensors(prefix)[0][0].dtype
+
+        # 2. Coprocessor: P groups of N_L soft tokens, group p sees prefix 0..t_p and itself (causally).
+        soft_layout = group_layout(points, num_latents)
+        soft_mask = block_attention_mask(self.coprocessor.stack.config, soft_layout, length, dtype)
+        latents = self.coprocessor(
+            kv.first_layers(prefix, self.num_coprocessor_layers), soft_layout.position_ids, soft_mask, num_points
+        )  # (B, P*N_L, H)
+
+        # 3. Base: P groups of [N_L latents ; x_{t+1..t+N_A-1}], each seeing prefix 0..t_p and itself.
+        group_size = num_latents + num_ahead - 1
+        ahead_index = points[:, :, None] + 1 + torch.arange(num_ahead, device=self.device)  # (B, P, N_A)
+        in_sequence = ahead_index < length
+        tokens = input_ids.gather(1, ahead_index.clamp(max=length - 1).flatten(1)).view_as(ahead_index)
+        ahead_embeds = self.base.get_input_embeddings()(tokens[:, :, :-1])  # (B, P, N_A-1, H)
+        group_embeds = torch.cat([latents.view(batch, num_points, num_latents, -1), ahead_embeds], dim=2)
+        base_layout = group_layout(points, group_size)
+        base_mask = block_attention_mask(self.base.config, base_layout, length, dtype)
+        # Score the last latent and the ahead inputs: N_A positions per group.
+        scored = (
+            torch.arange(num_points, device=self.device)[:, None] * group_size
+            + num_latents
+            - 1
+            + torch.arange(num_ahead, device=self.device)
+        ).flatten()
+        out = self.base(
+            inputs_embeds=group_embeds.flatten(1, 2),
+            cache=kv.copy_cache(prefix),
+            position_ids=base_layout.position_ids,
+            attention_mask=base_mask,
+            use_cache=True,
+            logits_to_keep=scored,
+        )
+        logits = out.logits.view(batch, num_points, num_ahead, -1)
+        targets = tokens.masked_fill(~in_sequence, -100)
+        nll = F.cross_entropy(logits.flatten(0, 2).float(), targets.flatten(), reduction="none", ignore_index=-100)
+        return _loss_output(nll.view(batch, num_points, num_ahead), in_sequence)
+
+    def reference_loss(self, input_ids: torch.Tensor, points: torch.Tensor) -> LossOutput:
+        """The same loss by its definition, point by point: prefill, augment, score the next N_A tokens."""
+        points = points.to(self.device)
+        self._check_points(input_ids, points)
+        num_ahead = self.config.num_ahead
+        batch, length = input_ids.shape
+        nll = torch.zeros(batch, points.shape[1], num_ahead, device=self.device)
+        scored = torch.zeros(batch, points.shape[1], num_ahead, dtype=torch.bool, device=self.device)
+        for row in range(batch):
+            for column, point in enumerate(points[row].tolist()):
+                state = self.augment(input_ids[row : row + 1, : point + 1])
+                targets = input_ids[row, point + 1 : point + 1 + num_ahead]  # (n,)
+                logits = [state.logits]
+                if len(targets) > 1:
+                    out = self.base(
+                        input_ids=targets[None, :-1],
+                        cache=state.cache,
+                        position_ids=self._positions(1, state.next_position, len(targets) - 1),
+                        use_cache=True,
+                    )
+                    logits.append(out.logits[0])
+                token_nll = F.cross_entropy(torch.cat(logits).float(), targets, reduction="none")
+                nll = nll.index_put((torch.tensor(row), torch.tensor(column), torch.arange(len(targets))), token_nll)
+                scored[row, column, : len(targets)] = True
+        return _loss_output(nll, scored)
+
+    # ------------------------------------------------------------------ persistence
+    def save_pretrained(self, directory) -> None:
+        from .checkpoint import save_adapter
+
+        save_adapter(self, directory)
+
+    @classmethod
+    def from_pretrained(cls, directory, base: nn.Module | None = None) -> "AugmentedLM":
+        from .checkpoint import load_adapter
+
+        return load_adapter(directory, base=base)
+
+
+def _loss_output(nll: torch.Tensor, scored: torch.Tensor) -> LossOutput:
+    """nll, scored: (B, P, N_A); unscored entries are ignored."""
+    nll = nll * scored
+    count = int(scored.sum())
+    per_offset = nll.detach().sum(dim=(0, 1)) / scored.sum(dim=(0, 1)).clamp(min=1)
+    return LossOutput(loss=nll.sum() / max(count, 1), nll_by_offset=per_offset, num_tokens=count)
