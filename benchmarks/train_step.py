@@ -1,0 +1,117 @@
+"""Seconds per training step: one block-masked pass over all points vs the point-by-point reference.
+
+    python benchmarks/train_step.py [--model smollm2-135m] [--points 8 16] [--prefix 256] [--json out.json]
+
+Each step is forward + backward + AdamW. FLOPs are counted by torch's FlopCounterMode on one extra step
+(the matmuls and attention that actually ran), so GFLOP/s is what the step achieved, set next to an fp32
+matmul peak measured in the same process.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import platform
+import subprocess
+import time
+
+import torch
+from torch.utils.flop_counter import FlopCounterMode
+
+from cacheaug import AugmentedLM, CoprocessorConfig, load_base
+
+
+def matmul_peak_gflops(size: int = 2048, repeats: int = 10) -> float:
+    a, b = torch.randn(size, size), torch.randn(size, size)
+    for _ in range(2):
+        a @ b
+    start = time.perf_counter()
+    for _ in range(repeats):
+        a @ b
+    return 2 * size**3 * repeats / (time.perf_counter() - start) / 1e9
+
+
+def make_step(lm: AugmentedLM, optimizer, input_ids, points, method: str):
+    loss_fn = lm.training_loss if method == "one_pass" else lm.reference_loss
+
+    def step() -> float:
+        optimizer.zero_grad(set_to_none=True)
+        loss = loss_fn(input_ids, points).loss
+        loss.backward()
+        optimizer.step()
+        return loss.item()
+
+    return step
+
+
+def time_steps(step, repeats: int) -> float:
+    step()  # warm-up: allocator, kernels, optimizer state
+    start = time.perf_counter()
+    for _ in range(repeats):
+        step()
+    return (time.perf_counter() - start) / repeats
+
+
+def count_flops(step) -> int:
+    with FlopCounterMode(display=False) as counter:
+        step()
+    return counter.get_total_flops()
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--model", default="smollm2-135m")
+    parser.add_argument("--points", type=int, nargs="+", default=[8, 16])
+    parser.add_argument("--prefix", type=int, default=256)
+    parser.add_argument("--num-latents", type=int, default=16)
+    parser.add_argument("--num-ahead", type=int, default=16)
+    parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--reference-repeats", type=int, default=1)
+    parser.add_argument("--json", default=None, help="also write the results here")
+    args = parser.parse_args()
+
+    torch.manual_seed(0)
+    base, _ = load_base(args.model)
+    peak = matmul_peak_gflops()
+    print(f"{args.model} | prefix {args.prefix} | N_L {args.num_latents} | N_A {args.num_ahead} | "
+          f"threads {torch.get_num_threads()} | fp32 matmul peak {peak:.0f} GFLOP/s")
+    rows = []
+    for num_points in args.points:
+        config = CoprocessorConfig(num_latents=args.num_latents, num_ahead=args.num_ahead, num_points=num_points)
+        lm = AugmentedLM(base, config).train()
+        optimizer = torch.optim.AdamW(lm.trainable_parameters(), lr=1e-5, fused=True)
+        input_ids = torch.randint(0, base.config.vocab_size, (1, args.prefix))
+        points = lm.sample_points(1, args.prefix, torch.Generator().manual_seed(num_points))
+        row = {"points": num_points}
+        for method, repeats in (("one_pass", args.repeats), ("reference", args.reference_repeats)):
+            step = make_step(lm, optimizer, input_ids, points, method)
+            seconds = time_steps(step, repeats)
+            flops = count_flops(step)
+            row[method] = {"seconds_per_step": seconds, "gflop_per_step": flops / 1e9, "gflops": flops / seconds / 1e9}
+        row["speedup"] = row["reference"]["seconds_per_step"] / row["one_pass"]["seconds_per_step"]
+        row["one_pass_fraction_of_peak"] = row["one_pass"]["gflops"] / peak
+        rows.append(row)
+        one, ref = row["one_pass"], row["reference"]
+        print(f"points {num_points:3d} | one-pass {one['seconds_per_step']:.2f} s/step "
+              f"({one['gflop_per_step']:.0f} GFLOP, {one['gflops']:.0f} GFLOP/s = {100 * row['one_pass_fraction_of_peak']:.0f}% of peak) | "
+              f"point-by-point {ref['seconds_per_step']:.2f} s/step ({ref['gflops']:.0f} GFLOP/s) | "
+              f"speedup {row['speedup']:.1f}x")
+        del lm, optimizer
+    if args.json:
+        commit = subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True).stdout.strip()
+        result = {
+            "command": "python benchmarks/train_step.py " + " ".join(
+                f"--{k.replace('_', '-')} {' '.join(map(str, v)) if isinstance(v, list) else v}"
+                for k, v in vars(args).items() if v is not None),
+            "git_commit": commit,
+            "machine": f"{platform.node()} {platform.processor() or platform.machine()}, {torch.get_num_threads()} threads, torch {torch.__version__}",
+            "model": args.model,
+            "matmul_peak_gflops": peak,
+            "rows": rows,
+        }
+        with open(args.json, "w") as handle:
+            json.dump(result, handle, indent=2)
+
+
+if __name__ == "__main__":
+    main()
