@@ -24,7 +24,10 @@ from transformers import (
     PreTrainedTokenizerBase,
 )
 
-__all__ = ["EMBEDDED_MODELS", "EmbeddedModel", "base_identity", "cache_home", "load_base"]
+__all__ = ["EMBEDDED_MODELS", "TINY_RANDOM", "EmbeddedModel", "base_identity", "byte_tokenizer", "cache_home", "load_base"]
+
+# A 2-layer random Llama with a byte tokenizer, built in-process: for tests and configs/tiny.yaml.
+TINY_RANDOM = "tiny-random"
 
 log = logging.getLogger(__name__)
 
@@ -62,7 +65,7 @@ _HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
 
 
 def _accepted() -> str:
-    names = ", ".join(sorted(EMBEDDED_MODELS))
+    names = ", ".join([*sorted(EMBEDDED_MODELS), TINY_RANDOM])
     return (
         f"accepted: an embedded name ({names}), a .gguf file path, "
         "a local Hugging Face model folder with config.json, or a Hub id 'org/name'"
@@ -197,6 +200,10 @@ def load_base(
     The model's name_or_path is set to a stable identity: the embedded name, the absolute path or the Hub id.
     """
     torch_dtype = _resolve_dtype(dtype)
+    if name_or_path == TINY_RANDOM:
+        model, tokenizer = _tiny_random(torch_dtype)
+        model.requires_grad_(False)
+        return model.eval(), tokenizer
     source, identity, local = _locate(name_or_path)
     attention = attn_implementation or _default_attention(source, local)
     model = AutoModelForCausalLM.from_pretrained(
@@ -224,3 +231,44 @@ def base_identity(model: PreTrainedModel) -> dict[str, str | int]:
         "num_key_value_heads": int(getattr(text, "num_key_value_heads", None) or heads),
         "vocab_size": int(text.vocab_size),
     }
+
+
+def _bytes_to_unicode() -> dict[int, str]:
+    """GPT-2's reversible byte -> printable character map, so every byte is one token."""
+    printable = [*range(ord("!"), ord("~") + 1), *range(ord("¡"), ord("¬") + 1), *range(ord("®"), ord("ÿ") + 1)]
+    extra = [b for b in range(256) if b not in printable]
+    return {b: chr(c) for b, c in zip(printable + extra, printable + [256 + i for i in range(len(extra))])}
+
+
+def byte_tokenizer(with_eos: bool = True):
+    """One token per UTF-8 byte (id = byte value) plus <eos> = 256, built offline in-process."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    chars = _bytes_to_unicode()
+    vocab = {chars[b]: b for b in range(256)}
+    vocab["<eos>"] = 256
+    backend = Tokenizer(models.BPE(vocab=vocab, merges=[]))
+    backend.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False)
+    backend.decoder = decoders.ByteLevel()
+    return PreTrainedTokenizerFast(tokenizer_object=backend, eos_token="<eos>" if with_eos else None)
+
+
+def _tiny_random(dtype: torch.dtype):
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    config = LlamaConfig(
+        vocab_size=257, hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
+        num_key_value_heads=2, max_position_embeddings=2048, bos_token_id=None, eos_token_id=256, pad_token_id=256,
+    )
+    generator_state = torch.random.get_rng_state()
+    torch.manual_seed(0)  # the same weights in every process, so checkpoints made on it reload
+    try:
+        model = LlamaForCausalLM(config).to(dtype)
+    finally:
+        torch.random.set_rng_state(generator_state)
+    model.config.name_or_path = TINY_RANDOM
+    model.name_or_path = TINY_RANDOM
+    tokenizer = byte_tokenizer()
+    tokenizer.name_or_path = TINY_RANDOM
+    return model, tokenizer
