@@ -113,3 +113,53 @@ def load_trainable_weights(lm, path: Path) -> None:
                     f"{path}: {name} has shape {tuple(state[name].shape)}, expected {tuple(parameter.shape)}"
                 )
             parameter.copy_(state[name])
+
+
+TRAINER_STATE_NAME = "trainer_state.pt"
+STEP_PREFIX = "step-"
+
+
+def step_directory(output_dir: str | os.PathLike, step: int) -> Path:
+    return Path(output_dir) / f"{STEP_PREFIX}{step:06d}"
+
+
+def save_training_checkpoint(lm, output_dir, step: int, trainer_state: dict, run_config: dict, keep_last: int) -> Path:
+    """``output_dir/step-NNNNNN/`` = adapter files + trainer_state.pt, written atomically; keep the last K."""
+    state = {name: t.detach().contiguous().cpu() for name, t in lm.trainable_state_dict().items()}
+    description = {
+        "format_version": FORMAT_VERSION,
+        "coprocessor": lm.config.to_dict(),
+        "trainable_parameters": int(sum(t.numel() for t in state.values())),
+        "step": step,
+        "run_config": run_config,
+    }
+
+    def write(tmp: Path) -> None:
+        save_file(state, str(tmp / WEIGHTS_NAME), metadata={"format": "pt", "library": "cacheaug"})
+        (tmp / CONFIG_NAME).write_text(json.dumps(description, indent=2, sort_keys=True) + "\n")
+        # optimizer moments, scheduler, data position and RNG states: tensors and plain values only
+        torch.save(trainer_state, tmp / TRAINER_STATE_NAME)
+
+    target = atomic_directory(step_directory(output_dir, step), write)
+    for old in list_checkpoints(output_dir)[:-keep_last]:
+        shutil.rmtree(old, ignore_errors=True)
+    return target
+
+
+def list_checkpoints(output_dir: str | os.PathLike) -> list[Path]:
+    """Complete step folders, oldest first (temporary folders of an interrupted write are ignored)."""
+    root = Path(output_dir)
+    if not root.is_dir():
+        return []
+    folders = [p for p in root.iterdir() if p.is_dir() and p.name.startswith(STEP_PREFIX) and p.name[5:].isdigit()]
+    return sorted((p for p in folders if (p / TRAINER_STATE_NAME).is_file()), key=lambda p: int(p.name[5:]))
+
+
+def load_trainer_state(checkpoint_dir: str | os.PathLike) -> dict:
+    path = Path(checkpoint_dir) / TRAINER_STATE_NAME
+    try:
+        return torch.load(path, weights_only=True, map_location="cpu")
+    except FileNotFoundError:
+        raise CheckpointError(f"{path} is missing: cannot resume from {checkpoint_dir}") from None
+    except Exception as error:  # torch raises many types for a damaged pickle archive
+        raise CheckpointError(f"{path} is damaged ({type(error).__name__}: {error})") from None

@@ -125,3 +125,133 @@ def identity_mismatches(saved: dict[str, Any], current: dict[str, Any]) -> list[
         for key in IDENTITY_KEYS
         if key in saved and saved.get(key) != current.get(key)
     ]
+
+
+PRECISIONS = ("fp32", "bf16")
+
+
+@dataclass
+class TrainArgs:
+    """Optimisation, schedule, logging and checkpoint cadence of a training run."""
+
+    output_dir: str = "runs/default"
+    max_steps: int = 100
+    batch_size: int = 1  # sequences per process per micro-step
+    grad_accum: int = 1  # micro-steps per optimiser step
+    lr: float = 1e-4
+    min_lr_ratio: float = 0.1  # cosine decays from lr to lr * min_lr_ratio
+    warmup_steps: int = 10
+    weight_decay: float = 0.0
+    beta1: float = 0.9
+    beta2: float = 0.95
+    grad_clip: float = 1.0  # max global grad norm; 0 disables clipping
+    seed: int = 0
+    precision: str = "fp32"  # "bf16": autocast of the loss computation
+    log_every: int = 1
+    eval_every: int = 50  # 0: only at the end
+    eval_batches: int = 4
+    save_every: int = 50  # 0: only at the end
+    keep_last: int = 2
+    resume: bool = False
+    overwrite: bool = False
+
+    def __post_init__(self) -> None:
+        for name in ("max_steps", "batch_size", "grad_accum", "log_every", "eval_batches", "keep_last"):
+            _check_positive_int(name, getattr(self, name))
+        for name in ("warmup_steps", "eval_every", "save_every", "seed"):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, int) or value < 0:
+                raise ConfigError(f"{name} must be a non-negative integer, got {value!r}")
+        for name in ("lr", "min_lr_ratio", "weight_decay", "beta1", "beta2", "grad_clip"):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, (int, float)) or value < 0:
+                raise ConfigError(f"{name} must be a non-negative number, got {value!r}")
+        if not 0 < self.lr:
+            raise ConfigError(f"lr must be > 0, got {self.lr!r}")
+        if self.precision not in PRECISIONS:
+            raise ConfigError(f"precision must be one of {PRECISIONS}, got {self.precision!r}")
+        for name in ("resume", "overwrite"):
+            if not isinstance(getattr(self, name), bool):
+                raise ConfigError(f"{name} must be true or false, got {getattr(self, name)!r}")
+        if not self.output_dir or not isinstance(self.output_dir, str):
+            raise ConfigError(f"output_dir must be a folder path, got {self.output_dir!r}")
+
+
+def _data_args_class():
+    from .data import DataArgs  # data.py holds DataArgs next to the code that reads it
+
+    return DataArgs
+
+
+@dataclass
+class RunConfig:
+    """Everything `cacheaug train` needs: base model, coprocessor, data and optimisation."""
+
+    model: str = "smollm2-135m"
+    dtype: str = "float32"
+    coprocessor: CoprocessorConfig = field(default_factory=CoprocessorConfig)
+    data: Any = field(default_factory=lambda: _data_args_class()())
+    train: TrainArgs = field(default_factory=TrainArgs)
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> "RunConfig":
+        if not isinstance(data, dict):
+            raise ConfigError(f"a run config must be a mapping, got {type(data).__name__}")
+        sections = {"coprocessor": CoprocessorConfig, "data": _data_args_class(), "train": TrainArgs}
+        known = {f.name for f in dataclasses.fields(cls)}
+        unknown = sorted(set(data) - known)
+        if unknown:
+            raise ConfigError(f"unknown config key(s) {unknown}; known top-level keys: {sorted(known)}")
+        values: dict[str, Any] = {}
+        for key, value in data.items():
+            if key in sections:
+                section = sections[key]
+                fields = {f.name for f in dataclasses.fields(section)}
+                value = value or {}
+                if not isinstance(value, dict):
+                    raise ConfigError(f"{key} must be a mapping, got {value!r}")
+                bad = sorted(set(value) - fields)
+                if bad:
+                    raise ConfigError(
+                        f"unknown config key(s) {[f'{key}.{b}' for b in bad]}; known {key} keys: {sorted(fields)}"
+                    )
+                try:
+                    values[key] = section(**value)
+                except TypeError as error:
+                    raise ConfigError(f"{key}: {error}") from None
+            else:
+                values[key] = value
+        return cls(**values)
+
+
+def set_dotted(tree: dict[str, Any], dotted_key: str, value: Any) -> None:
+    """tree["train"]["max_steps"] = value for dotted_key "train.max_steps"."""
+    *parents, leaf = dotted_key.split(".")
+    node = tree
+    for part in parents:
+        child = node.setdefault(part, {})
+        if not isinstance(child, dict):
+            raise ConfigError(f"cannot set {dotted_key}: {part} is not a section")
+        node = child
+    node[leaf] = value
+
+
+def load_run_config(path: str | None = None, overrides: dict[str, Any] | None = None) -> RunConfig:
+    """Read a YAML run config (optional) and apply dotted overrides such as {"train.max_steps": 20}."""
+    import yaml
+
+    tree: dict[str, Any] = {}
+    if path is not None:
+        try:
+            with open(path) as handle:
+                tree = yaml.safe_load(handle) or {}
+        except FileNotFoundError:
+            raise ConfigError(f"config file {path} does not exist") from None
+        except yaml.YAMLError as error:
+            raise ConfigError(f"config file {path} is not valid YAML: {error}") from None
+    for key, value in (overrides or {}).items():
+        set_dotted(tree, key, value)
+    return RunConfig.from_dict(tree)

@@ -227,8 +227,13 @@ class AugmentedLM(nn.Module):
 
     # ------------------------------------------------------------------ training
     def sample_points(self, batch: int, length: int, generator: torch.Generator | None = None) -> torch.Tensor:
-        """(B, P) distinct sorted points, uniform over 0..T-2 (every point has at least one ahead token)."""
-        candidates = length - 1
+        """(B, P) distinct sorted points, uniform over 0..T-1-N_A, so every point scores all N_A tokens.
+
+        Full windows give every sequence the same token count, which keeps the mean loss of a batch equal to
+        the mean of its parts (gradient accumulation, data parallelism). Sequences shorter than N_A+2 fall
+        back to 0..T-2. ``training_loss`` accepts any point in 0..T-2 when points are given.
+        """
+        candidates = length - self.config.num_ahead if length > self.config.num_ahead + 1 else length - 1
         num_points = min(self.config.num_points, candidates)
         scores = torch.rand(batch, candidates, generator=generator)
         points = scores.topk(num_points, dim=1).indices.sort(dim=1).values
@@ -242,6 +247,23 @@ class AugmentedLM(nn.Module):
         length = input_ids.shape[1]
         if points.numel() and (points.min() < 0 or points.max() > length - 2):
             raise ValueError(f"augmentation points must lie in 0..{length - 2} (sequence length {length})")
+
+    def forward(self, input_ids: torch.Tensor, points: torch.Tensor | None = None) -> LossOutput:
+        """``training_loss``; being ``forward`` lets DistributedDataParallel wrap the model."""
+        return self.training_loss(input_ids, points)
+
+    @torch.no_grad()
+    def unaugmented_loss(self, input_ids: torch.Tensor, points: torch.Tensor) -> LossOutput:
+        """The plain base's NLL on exactly the targets training_loss scores: x_{t+1..t+N_A} given x_0..x_{t+k-1}."""
+        points = points.to(self.device)
+        self._check_points(input_ids, points)
+        length = input_ids.shape[1]
+        log_probs = torch.log_softmax(self.base(input_ids=input_ids).logits.float(), dim=-1)  # (B, T, V)
+        token_nll = -log_probs[:, :-1].gather(-1, input_ids[:, 1:, None])[..., 0]  # (B, T-1): NLL of x_{i+1}
+        index = points[:, :, None] + torch.arange(self.config.num_ahead, device=self.device)  # predicts x_{index+1}
+        scored = index < length - 1
+        nll = token_nll.gather(1, index.clamp(max=length - 2).flatten(1)).view_as(index)
+        return _loss_output(nll, scored)
 
     def training_loss(
         self, input_ids: torch.Tensor, points: torch.Tensor | None = None, generator: torch.Generator | None = None
