@@ -139,8 +139,15 @@ def test_scratch_and_lora_initialisation():
     assert not torch.equal(scratch.coprocessor.stack.layers[0].mlp.up_proj.weight, base_weights)
     lora = AugmentedLM(make_base("llama"), CoprocessorConfig(lora_rank=4))
     trainable = [name for name, p in lora.coprocessor.named_parameters() if p.requires_grad]
-    assert "soft_tokens" in trainable and all("lora_" in n for n in trainable if n != "soft_tokens")
+    assert "soft_tokens" in trainable and all("lora_" in n for n in trainable if n not in ("soft_tokens", "latent_scale"))
     assert "trainable" in lora.trainable_summary()
+
+
+def test_pause_tokens_are_the_latents():
+    lm = _lm("gemma3", method="pause")
+    assert lm.coprocessor.stack is None and [n for n, _ in lm.coprocessor.named_parameters()] == ["soft_tokens"]
+    state = lm.augment(_prompt())
+    assert torch.equal(state.latents[0], lm.coprocessor.soft_tokens) and torch.equal(state.latents[1], state.latents[0])
 
 
 def test_soft_tokens_start_at_the_embedding_scale():

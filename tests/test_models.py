@@ -105,6 +105,7 @@ def test_local_folder_loads_frozen_with_identity(tiny_folder: Path) -> None:
         "num_hidden_layers": 2,
         "num_attention_heads": 4,
         "num_key_value_heads": 2,
+        "head_dim": 8,
         "vocab_size": 128,
     }
     assert model.name_or_path == identity["name"]

@@ -83,6 +83,14 @@ def load_adapter(directory: str | os.PathLike, base=None):
         from .models import load_base
 
         base, _ = load_base(config.base_model)
+    check_base_identity(config, base, directory)
+    lm = AugmentedLM(base, config)
+    load_trainable_weights(lm, Path(directory) / WEIGHTS_NAME)
+    return lm
+
+
+def check_base_identity(config: CoprocessorConfig, base, directory) -> None:
+    """Refuse a checkpoint whose recorded base dimensions differ from ``base``, saying what differs."""
     current = base_identity_from_config(base.config, getattr(base, "name_or_path", None) or None)
     mismatches = identity_mismatches(config.base_identity, current)
     if mismatches:
@@ -90,9 +98,6 @@ def load_adapter(directory: str | os.PathLike, base=None):
             f"checkpoint {directory} was made for base {config.base_identity.get('name')!r}, "
             f"not {current['name']!r}: " + "; ".join(mismatches)
         )
-    lm = AugmentedLM(base, config)
-    load_trainable_weights(lm, Path(directory) / WEIGHTS_NAME)
-    return lm
 
 
 def load_trainable_weights(lm, path: Path) -> None:

@@ -8,6 +8,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 COPROCESSOR_INITS = ("pretrained", "scratch")
+METHODS = ("coprocessor", "pause")
 
 
 class ConfigError(ValueError):
@@ -37,6 +38,12 @@ class CoprocessorConfig:
     lora_alpha: float | None = None  # None: equal to lora_rank (scale 1)
     num_layers: int | None = None  # None: all of the base's layers; k: the first k layers
     latents_after_norm: bool = True  # latents taken after the coprocessor's final norm
+    # Multiply latents by a trainable scalar, calibrated at construction so that they enter the base at the
+    # scale of its token embeddings (a copied stack's outputs are ~20x larger on SmolLM2).
+    scale_latents: bool = True
+    # "pause": the pause-token baseline (Goyal et al., arXiv 2310.02226) -- the N_L trainable embeddings are
+    # inserted into the base as they are, no coprocessor; trained and evaluated by the same code.
+    method: str = "coprocessor"
     # Filled by resolve(): who the coprocessor was built for.
     base_model: str | None = None
     base_identity: dict[str, Any] = field(default_factory=dict)
@@ -49,11 +56,17 @@ class CoprocessorConfig:
         _check_positive_int("num_layers", self.num_layers, allow_none=True)
         if self.init not in COPROCESSOR_INITS:
             raise ConfigError(f"init must be one of {COPROCESSOR_INITS}, got {self.init!r}")
+        if self.method not in METHODS:
+            raise ConfigError(f"method must be one of {METHODS}, got {self.method!r}")
+        if self.method == "pause" and self.lora_rank is not None:
+            raise ConfigError("lora_rank applies to a coprocessor; method='pause' has none")
         if self.lora_rank is not None and self.init == "scratch":
             # LoRA freezes the copy; a frozen random copy would make the adapters meaningless.
             raise ConfigError("lora_rank needs init='pretrained': LoRA on a randomly initialised frozen copy")
         if self.lora_alpha is not None and (not isinstance(self.lora_alpha, (int, float)) or self.lora_alpha <= 0):
             raise ConfigError(f"lora_alpha must be a positive number, got {self.lora_alpha!r}")
+        if not isinstance(self.scale_latents, bool):
+            raise ConfigError(f"scale_latents must be true or false, got {self.scale_latents!r}")
         if not isinstance(self.latents_after_norm, bool):
             raise ConfigError(f"latents_after_norm must be true or false, got {self.latents_after_norm!r}")
 

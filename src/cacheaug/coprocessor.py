@@ -67,6 +67,27 @@ class Coprocessor(nn.Module):
 
     def __init__(self, base: nn.Module, config: CoprocessorConfig):
         super().__init__()
+        embeddings = base.get_input_embeddings()
+        hidden_size = base.config.get_text_config().hidden_size
+        # Soft tokens start at the scale the base's first layer sees (Gemma multiplies by sqrt(hidden)).
+        self.soft_tokens = nn.Parameter(
+            torch.randn(config.num_latents, hidden_size, dtype=embeddings.weight.dtype) * embedding_output_std(base)
+        )
+        self.num_layers = config.num_layers
+        self.stack = None if config.method == "pause" else self._copy_stack(base, config)
+        self.latent_scale = None
+        if self.stack is not None and config.scale_latents:
+            self.latent_scale = nn.Parameter(torch.tensor(self._calibrated_scale(base), dtype=self.soft_tokens.dtype))
+
+    @torch.no_grad()
+    def _calibrated_scale(self, base: nn.Module) -> float:
+        """Embedding std / std of the stack's output on the soft tokens alone (no cache, positions 0..N_L-1)."""
+        positions = torch.arange(self.soft_tokens.shape[0], device=self.soft_tokens.device)[None]
+        raw = self.stack(inputs_embeds=self.soft_tokens[None], position_ids=positions).last_hidden_state
+        return embedding_output_std(base) / raw.float().std().clamp(min=1e-6).item()
+
+    @staticmethod
+    def _copy_stack(base: nn.Module, config: CoprocessorConfig) -> nn.Module:
         decoder = base.get_decoder()
         embeddings = base.get_input_embeddings()
         # memo maps the embedding table to None, so the copy shares nothing and holds no second table.
@@ -94,12 +115,7 @@ class Coprocessor(nn.Module):
             stack = inject_adapter_in_model(lora, stack)
             for name, parameter in stack.named_parameters():
                 parameter.requires_grad_("lora_" in name)
-        self.stack = stack
-        self.num_layers = config.num_layers
-        hidden_size = base.config.get_text_config().hidden_size
-        init_std = embedding_output_std(base)
-        dtype = embeddings.weight.dtype
-        self.soft_tokens = nn.Parameter(torch.randn(config.num_latents, hidden_size, dtype=dtype) * init_std)
+        return stack
 
     def forward(
         self,
@@ -114,10 +130,14 @@ class Coprocessor(nn.Module):
         """
         batch = position_ids.shape[0]
         soft = self.soft_tokens.repeat(repeats, 1).expand(batch, -1, -1)  # (B, repeats*N_L, H)
+        if self.stack is None:  # pause tokens: the embeddings themselves are the latents
+            return soft
         out = self.stack(
             inputs_embeds=soft, cache=past, position_ids=position_ids, attention_mask=attention_mask, use_cache=True
         )
-        return out.last_hidden_state
+        if self.latent_scale is None:
+            return out.last_hidden_state
+        return out.last_hidden_state * self.latent_scale
 
 
 class AugmentedLM(nn.Module):
@@ -253,27 +273,39 @@ class AugmentedLM(nn.Module):
         return self.training_loss(input_ids, points)
 
     @torch.no_grad()
-    def unaugmented_loss(self, input_ids: torch.Tensor, points: torch.Tensor) -> LossOutput:
-        """The plain base's NLL on exactly the targets training_loss scores: x_{t+1..t+N_A} given x_0..x_{t+k-1}."""
+    def unaugmented_loss(
+        self, input_ids: torch.Tensor, points: torch.Tensor, *, num_ahead: int | None = None
+    ) -> LossOutput:
+        """The plain base's NLL on exactly the targets training_loss scores: x_{t+1..t+N_A} given x_0..x_{t+k-1}.
+
+        ``num_ahead`` overrides the config's N_A (evaluation scores e.g. 32 tokens after the latents).
+        """
+        num_ahead = num_ahead or self.config.num_ahead
         points = points.to(self.device)
         self._check_points(input_ids, points)
         length = input_ids.shape[1]
         log_probs = torch.log_softmax(self.base(input_ids=input_ids).logits.float(), dim=-1)  # (B, T, V)
         token_nll = -log_probs[:, :-1].gather(-1, input_ids[:, 1:, None])[..., 0]  # (B, T-1): NLL of x_{i+1}
-        index = points[:, :, None] + torch.arange(self.config.num_ahead, device=self.device)  # predicts x_{index+1}
+        index = points[:, :, None] + torch.arange(num_ahead, device=self.device)  # predicts x_{index+1}
         scored = index < length - 1
         nll = token_nll.gather(1, index.clamp(max=length - 2).flatten(1)).view_as(index)
         return _loss_output(nll, scored)
 
     def training_loss(
-        self, input_ids: torch.Tensor, points: torch.Tensor | None = None, generator: torch.Generator | None = None
+        self,
+        input_ids: torch.Tensor,
+        points: torch.Tensor | None = None,
+        generator: torch.Generator | None = None,
+        *,
+        num_ahead: int | None = None,
     ) -> LossOutput:
         """The paper's loss for every augmentation point of every sequence, in one pass (section 2.3).
 
         input_ids (B, T); points (B, P), point t = augment after reading x_0..x_t. Each point's latents and
         its N_A-1 ahead input tokens form one group; targets are x_{t+1..t+N_A}, cut at the sequence end.
+        ``num_ahead`` overrides the config's N_A (evaluation scores e.g. 32 tokens after the latents).
         """
-        num_latents, num_ahead = self.config.num_latents, self.config.num_ahead
+        num_latents, num_ahead = self.config.num_latents, num_ahead or self.config.num_ahead
         batch, length = input_ids.shape if input_ids.ndim == 2 else (0, 0)
         if points is None:
             points = self.sample_points(batch, length, generator)
@@ -289,7 +321,8 @@ class AugmentedLM(nn.Module):
 
         # 2. Coprocessor: P groups of N_L soft tokens, group p sees prefix 0..t_p and itself (causally).
         soft_layout = group_layout(points, num_latents)
-        soft_mask = block_attention_mask(self.coprocessor.stack.config, soft_layout, length, dtype)
+        stack = self.coprocessor.stack
+        soft_mask = None if stack is None else block_attention_mask(stack.config, soft_layout, length, dtype)
         latents = self.coprocessor(
             kv.first_layers(prefix, self.num_coprocessor_layers), soft_layout.position_ids, soft_mask, num_points
         )  # (B, P*N_L, H)

@@ -220,17 +220,9 @@ def load_base(
 
 def base_identity(model: PreTrainedModel) -> dict[str, str | int]:
     """Architecture fingerprint of a base model, for naming and validating checkpoints."""
-    text = model.config.get_text_config()
-    heads = int(text.num_attention_heads)
-    return {
-        "name": str(model.config.name_or_path),
-        "model_type": str(text.model_type),
-        "hidden_size": int(text.hidden_size),
-        "num_hidden_layers": int(text.num_hidden_layers),
-        "num_attention_heads": heads,
-        "num_key_value_heads": int(getattr(text, "num_key_value_heads", None) or heads),
-        "vocab_size": int(text.vocab_size),
-    }
+    from .config import base_identity_from_config
+
+    return base_identity_from_config(model.config, str(model.config.name_or_path))
 
 
 def _bytes_to_unicode() -> dict[int, str]:

@@ -205,6 +205,7 @@ def train(config: RunConfig) -> TrainResult:
 
     step = 0
     if resume_from is not None:
+        ckpt.check_base_identity(ckpt.read_config(resume_from), base, resume_from)
         state = ckpt.load_trainer_state(resume_from)
         ckpt.load_trainable_weights(lm, resume_from / ckpt.WEIGHTS_NAME)
         optimizer.load_state_dict(state["optimizer"])
