@@ -116,16 +116,19 @@ def step_points(lm: AugmentedLM, seed: int, step: int, rows: int, length: int) -
 
 
 def _rng_state() -> dict:
+    """RNG states as tensors and plain values, so torch.load(weights_only=True) reads them back."""
+    kind, keys, position, has_gauss, cached_gaussian = np.random.get_state()
     return {
         "python": random.getstate(),
-        "numpy": np.random.get_state(),
+        "numpy": (kind, torch.from_numpy(keys.astype(np.int64)), position, has_gauss, cached_gaussian),
         "torch": torch.random.get_rng_state(),
     }
 
 
 def _set_rng_state(state: dict) -> None:
     random.setstate(state["python"])
-    np.random.set_state(state["numpy"])
+    kind, keys, position, has_gauss, cached_gaussian = state["numpy"]
+    np.random.set_state((kind, keys.numpy().astype(np.uint32), position, has_gauss, cached_gaussian))
     torch.random.set_rng_state(state["torch"])
 
 
