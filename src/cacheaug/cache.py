@@ -22,6 +22,9 @@ __all__ = [
     "cache_tensors",
     "cache_from_tensors",
     "caches_equal",
+    "cache_batch_size",
+    "cache_state",
+    "cache_from_state",
 ]
 
 
@@ -109,3 +112,88 @@ def caches_equal(a: Cache, b: Cache) -> bool:
         if not (torch.equal(layer_a.keys, layer_b.keys) and torch.equal(layer_a.values, layer_b.values)):
             return False
     return True
+
+
+def cache_batch_size(cache: Cache) -> int:
+    """B of the (B, H_kv, T, D) tensors of the first initialised layer."""
+    _check_supported(cache)
+    for layer in cache.layers:
+        if layer.is_initialized and layer.keys is not None:
+            return layer.keys.shape[0]
+    raise ValueError("the cache is empty: no layer holds keys yet")
+
+
+def _layer_kind(layer) -> str:
+    if isinstance(layer, DynamicSlidingWindowLayer):
+        return "sliding"
+    if type(layer) is DynamicLayer:
+        return "full"
+    raise TypeError(f"unsupported cache layer {type(layer).__name__}: only dynamic layers can be saved")
+
+
+def cache_state(cache: Cache) -> tuple[dict[str, torch.Tensor], dict]:
+    """Plain tensors and a JSON-able layout of ``cache``, from which :func:`cache_from_state` rebuilds it.
+
+    tensors: ``layers.{i}.keys`` / ``layers.{i}.values``, each (B, H_kv, T_i, D), contiguous copies that share
+    no memory (safetensors refuses shared storage; a sliding layer's keys are a view of a longer tensor).
+    meta: ``{"length": n, "layers": [{"kind": "full"|"sliding", "initialized": bool, "sliding_window": w,
+    "cumulative_length": n, "record_past": bool}, ...]}``; the window fields only for sliding layers, whose
+    ``cumulative_length`` counts evicted positions too (it drives their masks and position bookkeeping).
+    """
+    _check_supported(cache)
+    tensors: dict[str, torch.Tensor] = {}
+    layers = []
+    for index, layer in enumerate(cache.layers):
+        entry = {"kind": _layer_kind(layer), "initialized": bool(layer.is_initialized)}
+        if entry["kind"] == "sliding":
+            entry.update(
+                sliding_window=int(layer.sliding_window),
+                cumulative_length=int(layer.cumulative_length),
+                record_past=bool(layer.record_past),
+            )
+        if layer.is_initialized:
+            tensors[f"layers.{index}.keys"] = layer.keys.detach().contiguous().clone()
+            tensors[f"layers.{index}.values"] = layer.values.detach().contiguous().clone()
+        layers.append(entry)
+    return tensors, {"length": cache_length(cache), "layers": layers}
+
+
+def cache_from_state(tensors: dict[str, torch.Tensor], meta: dict, config=None) -> DynamicCache:
+    """The cache that :func:`cache_state` described; with ``config``, its layer layout must match the model's.
+
+    Raises ValueError when tensors are missing or the layout disagrees with ``config`` (a cache saved for
+    another model must never be decoded from).
+    """
+    layers = []
+    for index, entry in enumerate(meta["layers"]):
+        if entry["kind"] == "sliding":
+            layer = DynamicSlidingWindowLayer(sliding_window=int(entry["sliding_window"]))
+        elif entry["kind"] == "full":
+            layer = DynamicLayer()
+        else:
+            raise ValueError(f"layer {index}: unknown cache layer kind {entry['kind']!r}")
+        if entry["initialized"]:
+            names = (f"layers.{index}.keys", f"layers.{index}.values")
+            if any(name not in tensors for name in names):
+                raise ValueError(f"layer {index}: keys or values missing from the saved tensors")
+            keys, values = (tensors[name] for name in names)  # (B, H_kv, T_i, D)
+            if keys.shape != values.shape:
+                raise ValueError(f"layer {index}: keys {tuple(keys.shape)} and values {tuple(values.shape)} differ")
+            layer.lazy_initialization(keys, values)  # sets device, dtype and the initialised flag
+            layer.keys, layer.values = keys, values
+            if entry["kind"] == "sliding":
+                layer.cumulative_length = int(entry["cumulative_length"])
+                layer.record_past = bool(entry.get("record_past", False))
+        layers.append(layer)
+    if config is None:
+        cache = DynamicCache()
+    else:
+        cache = new_cache(config)
+        expected = [(_layer_kind(layer), getattr(layer, "sliding_window", None)) for layer in cache.layers]
+        found = [(entry["kind"], entry.get("sliding_window")) for entry in meta["layers"]]
+        if expected != found:
+            raise ValueError(f"saved cache layout {found} does not match the model's {expected}")
+    cache.layers = layers
+    if cache_length(cache) != meta.get("length", cache_length(cache)):
+        raise ValueError(f"rebuilt cache has length {cache_length(cache)}, the saved state says {meta['length']}")
+    return cache

@@ -1,0 +1,224 @@
+"""Serving cost of augmentation: time to first token and tokens/s, plain vs sync vs async augmentation vs a
+zero-shot-CoT answer given N_L extra tokens; then a bounded loopback load test of the HTTP server.
+
+    python benchmarks/serve.py [--model smollm2-135m] [--ckpt DIR] [--prompt-tokens 512] [--json out.json]
+
+Without --ckpt the coprocessor is a fresh, untrained one on the base (timing does not depend on training).
+Decoding is greedy with no eos, so every mode decodes exactly its budget. "added" is a mode's extra time to
+its first *answer* token over plain decoding: for sync/async augmentation, TTFT - plain TTFT; for CoT, the
+time to token N_L+1 (after N_L "thinking" tokens) - plain TTFT. The load test starts the server in this
+process on 127.0.0.1 (a free port) and sends a fixed number of completions at each concurrency level;
+loopback only. About 5 minutes on 2 CPU cores for SmolLM2-135M with the defaults.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import platform
+import statistics
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+from cacheaug import AugmentedLM, CoprocessorConfig, load_base
+from cacheaug import cache as kv
+from cacheaug.corpus import arithmetic_problems
+from cacheaug.generate import TokenEvent, latents_for, prefill, stream
+from cacheaug.serve import BackgroundServer, create_app, run_load_test
+
+COT_SUFFIX = "\nLet's think step by step."
+
+
+def load_model(args):
+    if args.ckpt:
+        from cacheaug.checkpoint import read_config
+
+        base, tokenizer = load_base(read_config(args.ckpt).base_model)
+        return AugmentedLM.from_pretrained(args.ckpt, base=base), tokenizer
+    base, tokenizer = load_base(args.model)
+    return AugmentedLM(base, CoprocessorConfig(num_latents=args.num_latents)), tokenizer
+
+
+def corpus_ids(tokenizer, num_tokens: int, seed: int = 0) -> torch.Tensor:
+    """(1, num_tokens) ids of arithmetic word problems, a stand-in for a real long prompt."""
+    text, ids = "", torch.zeros(1, 0, dtype=torch.long)
+    count = 8
+    while ids.shape[1] < num_tokens:
+        text = "\n\n".join(arithmetic_problems(count, seed))
+        ids = tokenizer(text, return_tensors="pt").input_ids
+        count *= 2
+    return ids[:, :num_tokens]
+
+
+def timed_stream(lm, ids: torch.Tensor, new_tokens: int, augment: str) -> dict:
+    """Seconds from the call to each generated token (prefill and a sync coprocessor included)."""
+    start = time.perf_counter()
+    times, finish = [], None
+    for event in stream(lm, ids, new_tokens, augment=augment):
+        if isinstance(event, TokenEvent):
+            times.append(time.perf_counter() - start)
+        else:
+            finish = event
+    return {"times": times, "augmentation": finish.augmentation, "insertions": finish.insertions}
+
+
+def median_run(runs: list[dict], answer_index: int = 0) -> dict:
+    """Medians over repeats: time to the answer's first token, and decode tokens/s after the first token."""
+    first = [run["times"][answer_index] for run in runs]
+    rates = [(len(run["times"]) - 1) / (run["times"][-1] - run["times"][0]) for run in runs if len(run["times"]) > 1]
+    return {
+        "time_to_answer_s": statistics.median(first),
+        "time_to_first_token_s": statistics.median(run["times"][0] for run in runs),
+        "total_s": statistics.median(run["times"][-1] for run in runs),
+        "decode_tokens_per_s": statistics.median(rates) if rates else float("nan"),
+        "augmentation": [run["augmentation"] for run in runs],
+        "insertions": [run["insertions"] for run in runs],
+    }
+
+
+def bench_decoding(lm, tokenizer, args) -> dict:
+    num_latents = lm.config.num_latents
+    prompt = corpus_ids(tokenizer, args.prompt_tokens)
+    cot_prompt = torch.cat([prompt, tokenizer(COT_SUFFIX, return_tensors="pt", add_special_tokens=False).input_ids], 1)
+    modes = {
+        "plain": (prompt, args.new_tokens, "off", 0),
+        "sync": (prompt, args.new_tokens, "sync", 0),
+        "async": (prompt, args.new_tokens, "async", 0),
+        "cot": (cot_prompt, num_latents + args.new_tokens, "off", num_latents),
+    }
+    results = {}
+    for name, (ids, new_tokens, augment, answer_index) in modes.items():
+        timed_stream(lm, ids, new_tokens, augment)  # warm-up
+        runs = [timed_stream(lm, ids, new_tokens, augment) for _ in range(args.repeats)]
+        results[name] = {"prompt_tokens": ids.shape[1], "new_tokens": new_tokens, **median_run(runs, answer_index)}
+        print(f"  {name:6s} done: time to answer {results[name]['time_to_answer_s']:.3f} s", flush=True)
+    plain = results["plain"]["time_to_answer_s"]
+    for result in results.values():
+        result["added_vs_plain_s"] = result["time_to_answer_s"] - plain
+    # the coprocessor's own cost: one pass of N_L soft tokens over the prompt's cache
+    with torch.no_grad():
+        state = prefill(lm.base, prompt)
+        seconds = []
+        for _ in range(args.repeats + 1):
+            start = time.perf_counter()
+            latents_for(lm, state.cache)
+            seconds.append(time.perf_counter() - start)
+    results["coprocessor_pass_s"] = statistics.median(seconds[1:])
+    results["prompt_cache_positions"] = kv.cache_length(state.cache)
+    return results
+
+
+def bench_load(lm, tokenizer, args) -> list[dict]:
+    stream_ids = corpus_ids(tokenizer, args.load_prompt_tokens * 8, seed=1)[0]
+    prompts = [
+        tokenizer.decode(stream_ids[offset : offset + args.load_prompt_tokens])
+        for offset in range(0, len(stream_ids) - args.load_prompt_tokens + 1, args.load_prompt_tokens // 2)
+    ]
+    results = []
+    with BackgroundServer(create_app(lm, tokenizer)) as server:
+        for concurrency, requests in zip(args.concurrency, args.requests):
+            payloads = [
+                {"prompt": prompts[i % len(prompts)], "max_tokens": args.load_max_tokens, "temperature": 0,
+                 "augment": args.load_augment}
+                for i in range(requests)
+            ]
+            run_load_test(server.url, payloads[:1], concurrency=1)  # warm-up
+            result = run_load_test(server.url, payloads, concurrency=concurrency).to_dict()
+            results.append(result)
+            print(f"  concurrency {concurrency:2d}: {requests} requests, p50 {result['latency_p50_s']:.2f} s, "
+                  f"p95 {result['latency_p95_s']:.2f} s, {result['errors']} errors", flush=True)
+    return results
+
+
+def _int_list(text: str) -> list[int]:
+    return [int(part) for part in text.split(",") if part]
+
+
+def machine() -> dict:
+    return {
+        "node": platform.node(),
+        "processor": platform.processor() or platform.machine(),
+        "cpus": __import__("os").cpu_count(),
+        "torch_threads": torch.get_num_threads(),
+        "torch": torch.__version__,
+        "python": platform.python_version(),
+    }
+
+
+def git_commit() -> dict:
+    def git(*arguments: str) -> str:
+        return subprocess.run(["git", *arguments], capture_output=True, text=True, cwd=Path(__file__).parent).stdout
+
+    return {"commit": git("rev-parse", "HEAD").strip(), "dirty": bool(git("status", "--porcelain").strip())}
+
+
+def report(decoding: dict, load: list[dict], num_latents: int) -> str:
+    lines = ["mode    | prompt | new | time to answer | added vs plain | decode tok/s | augmentation",
+             "------- | ------ | --- | -------------- | -------------- | ------------ | ------------"]
+    for name in ("plain", "sync", "async", "cot"):
+        r = decoding[name]
+        lines.append(f"{name:7s} | {r['prompt_tokens']:6d} | {r['new_tokens']:3d} | {r['time_to_answer_s']:12.3f} s "
+                     f"| {r['added_vs_plain_s']:+12.3f} s | {r['decode_tokens_per_s']:12.1f} | {r['augmentation'][0]}")
+    lines.append(f"(cot: answer = token {num_latents + 1}, after N_L={num_latents} thinking tokens; "
+                 f"one coprocessor pass: {decoding['coprocessor_pass_s']:.3f} s)")
+    if load:
+        lines += ["", "concurrency | requests | p50 latency | p95 latency | req/s | errors",
+                  "----------- | -------- | ----------- | ----------- | ----- | ------"]
+        for r in load:
+            lines.append(f"{r['concurrency']:11d} | {r['requests']:8d} | {r['latency_p50_s']:9.2f} s "
+                         f"| {r['latency_p95_s']:9.2f} s | {r['requests_per_s']:5.2f} | {r['errors']:6d}")
+    return "\n".join(lines)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--model", default="smollm2-135m", help="base model when no --ckpt is given")
+    parser.add_argument("--ckpt", help="a coprocessor checkpoint (default: a fresh, untrained one)")
+    parser.add_argument("--num-latents", type=int, default=16, help="N_L of the fresh coprocessor")
+    parser.add_argument("--prompt-tokens", type=int, default=512)
+    parser.add_argument("--new-tokens", type=int, default=32, help="answer tokens decoded per mode")
+    parser.add_argument("--repeats", type=int, default=3, help="timed runs per mode (median), after one warm-up")
+    parser.add_argument("--requests", type=_int_list, default=[16, 32, 48], help="requests per load level")
+    parser.add_argument("--concurrency", type=_int_list, default=[1, 4, 16], help="concurrent clients per level")
+    parser.add_argument("--load-prompt-tokens", type=int, default=128)
+    parser.add_argument("--load-max-tokens", type=int, default=16)
+    parser.add_argument("--load-augment", choices=("off", "sync", "async"), default="sync")
+    parser.add_argument("--skip-load", action="store_true", help="only the decoding measurements")
+    parser.add_argument("--json", default=None, help="also write the results here")
+    args = parser.parse_args()
+    if len(args.requests) != len(args.concurrency):
+        parser.error("--requests and --concurrency need the same number of levels")
+
+    started = time.perf_counter()
+    lm, tokenizer = load_model(args)
+    lm.eval()
+    print(f"{lm.config.base_model}: N_L={lm.config.num_latents}, prompt {args.prompt_tokens} tokens, "
+          f"{torch.get_num_threads()} torch threads", flush=True)
+    decoding = bench_decoding(lm, tokenizer, args)
+    load = [] if args.skip_load else bench_load(lm, tokenizer, args)
+    text = report(decoding, load, lm.config.num_latents)
+    print(text)
+    if args.json:
+        result = {
+            "command": " ".join([Path(sys.executable).name, *sys.argv]),
+            "git": git_commit(),
+            "machine": machine(),
+            "model": lm.config.base_model,
+            "checkpoint": args.ckpt,
+            "num_latents": lm.config.num_latents,
+            "settings": {key: value for key, value in vars(args).items() if key != "json"},
+            "decoding": decoding,
+            "load": load,
+            "wall_s": time.perf_counter() - started,
+            "table": text,
+        }
+        Path(args.json).parent.mkdir(parents=True, exist_ok=True)
+        Path(args.json).write_text(json.dumps(result, indent=2) + "\n")
+
+
+if __name__ == "__main__":
+    main()

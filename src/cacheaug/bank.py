@@ -1,0 +1,265 @@
+"""A cache bank: long contexts augmented once, offline, stored on disk and reused by any number of queries.
+
+An entry is one safetensors file ``<root>/<key[:2]>/<key>.safetensors``. ``key`` = sha256 of the model's
+fingerprint (base identity, dtype, attention kernel, coprocessor config and weights hash, transformers
+version, bank format) and the context's token ids, so a different model or checkpoint never finds another's
+entry. Tensors: the augmented cache's per-layer keys/values (cache.cache_state), ``logits`` (B, V),
+``latents`` (B, N_L, H) and ``input_ids`` (B, T). The metadata field ``cacheaug_bank`` holds a JSON header:
+the fingerprint, the cache layout (layer kinds, sliding-window ``cumulative_length``), ``next_position``,
+sha256 of the token ids, of the tensor bytes, and of the header itself. Every load checks all of them; a
+damaged, truncated, edited or foreign entry is rejected and rebuilt, never decoded from.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import os
+import tempfile
+from collections import OrderedDict
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from safetensors import safe_open
+from safetensors.torch import save_file
+
+from . import cache as kv
+from .coprocessor import AugmentedCache
+from .generate import copy_state
+
+__all__ = ["BANK_FORMAT_VERSION", "BankEntry", "BankEntryError", "CacheBank", "model_fingerprint", "tensors_sha256"]
+
+BANK_FORMAT_VERSION = 1
+HEADER_FIELD = "cacheaug_bank"
+SUFFIX = ".safetensors"
+
+log = logging.getLogger(__name__)
+
+
+class BankEntryError(ValueError):
+    """A bank entry that must not be used: unreadable, damaged, edited, or made for another model."""
+
+
+@dataclass
+class BankEntry:
+    key: str
+    path: Path
+    num_tokens: int
+    status: str  # "hit (memory)" | "hit (disk)" | "built" | "rebuilt (<why the old entry was rejected>)"
+
+
+def _sha256_json(value) -> str:
+    return hashlib.sha256(json.dumps(value, sort_keys=True, separators=(",", ":")).encode()).hexdigest()
+
+
+def tensors_sha256(tensors: dict[str, torch.Tensor]) -> str:
+    """sha256 over every tensor's name, dtype, shape and bytes, in name order."""
+    digest = hashlib.sha256()
+    for name in sorted(tensors):
+        tensor = tensors[name].detach().cpu().contiguous()
+        digest.update(f"{name}|{tensor.dtype}|{tuple(tensor.shape)}|".encode())
+        if tensor.numel():
+            digest.update(tensor.view(-1).view(torch.uint8).numpy())  # the raw bytes, without a copy
+    return digest.hexdigest()
+
+
+def model_fingerprint(lm) -> dict:
+    """Everything an augmented cache depends on besides the context: base, coprocessor weights, library."""
+    import transformers
+
+    from .config import base_identity_from_config
+
+    base = lm.base
+    identity = base_identity_from_config(base.config, getattr(base, "name_or_path", None) or None)
+    dtype = next(base.parameters()).dtype
+    return {
+        "bank_format": BANK_FORMAT_VERSION,
+        "base": identity,
+        "base_dtype": str(dtype),
+        "attention": str(getattr(base.config, "_attn_implementation", None)),
+        "coprocessor": lm.config.to_dict(),
+        # all coprocessor tensors, frozen ones included: anything that changes the latents changes the key
+        "coprocessor_sha256": tensors_sha256(dict(lm.coprocessor.state_dict())),
+        "transformers": transformers.__version__,
+    }
+
+
+def _as_ids(input_ids) -> torch.Tensor:
+    ids = torch.as_tensor(input_ids, dtype=torch.long).cpu()
+    ids = ids[None] if ids.ndim == 1 else ids
+    if ids.ndim != 2 or ids.shape[1] == 0:
+        raise ValueError(f"input_ids must be (length>0,) or (batch, length>0), got shape {tuple(ids.shape)}")
+    return ids
+
+
+class CacheBank:
+    """Augmented caches of long contexts under ``root``, built with ``lm.augment`` on first use.
+
+    ``get_or_build(ids)`` returns a copy each time; the last ``memory_entries`` entries also stay in memory.
+    ``last_status`` says what the latest lookup did (see BankEntry.status).
+    """
+
+    def __init__(self, root: str | os.PathLike, lm, tokenizer=None, memory_entries: int = 4):
+        self.root = Path(root)
+        self.lm, self.tokenizer = lm, tokenizer
+        self.memory_entries = memory_entries
+        self._memory: OrderedDict[str, AugmentedCache] = OrderedDict()
+        self._fingerprint: dict | None = None
+        self.last_status = ""
+
+    @property
+    def fingerprint(self) -> dict:
+        if self._fingerprint is None:  # hashing the coprocessor's weights takes a moment: once per bank
+            self._fingerprint = model_fingerprint(self.lm)
+        return self._fingerprint
+
+    def key_for(self, input_ids) -> str:
+        ids = _as_ids(input_ids)
+        return _sha256_json({"model": self.fingerprint, "shape": list(ids.shape), "ids": ids.flatten().tolist()})
+
+    def path_for(self, input_ids=None, key: str | None = None) -> Path:
+        key = key or self.key_for(input_ids)
+        return self.root / key[:2] / f"{key}{SUFFIX}"
+
+    # ------------------------------------------------------------------ lookups
+    def get(self, input_ids) -> AugmentedCache | None:
+        """The stored augmentation of ``input_ids`` (a copy), or None when absent or rejected."""
+        ids = _as_ids(input_ids)
+        key = self.key_for(ids)
+        if key in self._memory:
+            self._memory.move_to_end(key)
+            self.last_status = "hit (memory)"
+            return copy_state(self._memory[key])
+        path = self.path_for(key=key)
+        if not path.is_file():
+            self.last_status = "miss"
+            return None
+        try:
+            state = self._load(path, key, ids)
+        except BankEntryError as error:
+            log.warning("cache bank: rejecting %s: %s", path, error)
+            self.last_status = f"rejected ({error})"
+            return None
+        self._remember(key, state)
+        self.last_status = "hit (disk)"
+        return copy_state(state)
+
+    def get_or_build(self, input_ids) -> AugmentedCache:
+        """The augmented cache of ``input_ids`` (B, T): from memory or disk when a verified entry exists,
+        else computed with ``lm.augment`` and stored. Always a copy: decoding never alters the entry."""
+        ids = _as_ids(input_ids)
+        state = self.get(ids)
+        if state is not None:
+            return state
+        rejected = self.last_status if self.last_status.startswith("rejected") else None
+        state = self.build(ids)
+        if rejected:
+            self.last_status = "rebuilt" + rejected[len("rejected") :]
+        return state
+
+    def build(self, input_ids) -> AugmentedCache:
+        """Augment ``input_ids`` now and store the result (replacing any entry atomically)."""
+        ids = _as_ids(input_ids)
+        context = self.lm.base.config.get_text_config().max_position_embeddings
+        if ids.shape[1] + self.lm.config.num_latents > context:
+            raise ValueError(
+                f"{ids.shape[1]} tokens + {self.lm.config.num_latents} latents do not fit the model's "
+                f"context of {context} positions"
+            )
+        key = self.key_for(ids)
+        with torch.no_grad():
+            state = self.lm.augment(ids.to(self.lm.device))
+        self._save(self.path_for(key=key), key, ids, state)
+        self._remember(key, state)
+        self.last_status = "built"
+        return copy_state(state)
+
+    def add_text(self, text: str) -> BankEntry:
+        """Tokenize ``text`` with the bank's tokenizer and make sure its augmented cache is stored."""
+        if self.tokenizer is None:
+            raise ValueError("add_text needs a bank made with a tokenizer")
+        ids = self.tokenizer(text, return_tensors="pt").input_ids
+        if ids.shape[1] == 0:
+            raise ValueError("the text is empty after tokenization")
+        self.get_or_build(ids)
+        key = self.key_for(ids)
+        return BankEntry(key, self.path_for(key=key), ids.shape[1], self.last_status)
+
+    def _remember(self, key: str, state: AugmentedCache) -> None:
+        if self.memory_entries <= 0:
+            return
+        self._memory[key] = state
+        self._memory.move_to_end(key)
+        while len(self._memory) > self.memory_entries:
+            self._memory.popitem(last=False)
+
+    # ------------------------------------------------------------------ the file format
+    def _save(self, path: Path, key: str, ids: torch.Tensor, state: AugmentedCache) -> None:
+        tensors, layout = kv.cache_state(state.cache)
+        tensors = {f"cache.{name}": t.cpu() for name, t in tensors.items()}
+        tensors["logits"] = state.logits.detach().cpu().contiguous().clone()  # (B, V)
+        tensors["input_ids"] = ids.clone()  # (B, T)
+        if state.latents is not None:
+            tensors["latents"] = state.latents.detach().cpu().contiguous().clone()  # (B, N_L, H)
+        header = {
+            "format_version": BANK_FORMAT_VERSION,
+            "key": key,
+            "fingerprint": self.fingerprint,
+            "num_tokens": int(ids.shape[1]),
+            "token_ids_sha256": _sha256_json(ids.flatten().tolist()),
+            "next_position": int(state.next_position),
+            "cache_layout": layout,
+            "tensors_sha256": tensors_sha256(tensors),
+        }
+        header["header_sha256"] = _sha256_json(header)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        handle, tmp = tempfile.mkstemp(prefix=f".{path.name}.tmp-", dir=path.parent)
+        os.close(handle)
+        try:
+            save_file(tensors, tmp, metadata={HEADER_FIELD: json.dumps(header, sort_keys=True)})
+            os.replace(tmp, path)  # readers see the old entry or the new one, never half of one
+        except BaseException:
+            Path(tmp).unlink(missing_ok=True)
+            raise
+
+    def _load(self, path: Path, key: str, ids: torch.Tensor) -> AugmentedCache:
+        try:
+            with safe_open(str(path), framework="pt") as handle:
+                metadata = handle.metadata() or {}
+                tensors = {name: handle.get_tensor(name) for name in handle.keys()}
+        except Exception as error:  # safetensors raises several types for a truncated or garbled file
+            raise BankEntryError(f"unreadable ({type(error).__name__}: {error})") from None
+        try:
+            header = json.loads(metadata[HEADER_FIELD])
+            claimed = header.pop("header_sha256")
+        except (KeyError, TypeError, ValueError, AttributeError):
+            raise BankEntryError("no valid cacheaug header") from None
+        if _sha256_json(header) != claimed:
+            raise BankEntryError("the header was edited (its sha256 does not match)")
+        if header.get("format_version") != BANK_FORMAT_VERSION:
+            raise BankEntryError(f"format version {header.get('format_version')}, expected {BANK_FORMAT_VERSION}")
+        if header.get("key") != key:
+            raise BankEntryError("the file belongs to another key")
+        if header.get("fingerprint") != self.fingerprint:
+            saved = header["fingerprint"] if isinstance(header.get("fingerprint"), dict) else {}
+            fields = sorted(k for k in self.fingerprint if saved.get(k) != self.fingerprint[k])
+            raise BankEntryError(f"made for another model ({', '.join(fields)} differ)")
+        if header.get("token_ids_sha256") != _sha256_json(ids.flatten().tolist()):
+            raise BankEntryError("made for other token ids")
+        if tensors_sha256(tensors) != header.get("tensors_sha256"):
+            raise BankEntryError("tensor data corrupted (sha256 does not match)")
+        if not torch.equal(tensors.get("input_ids", torch.empty(0)), ids):
+            raise BankEntryError("stored token ids differ")
+        device = self.lm.device
+        prefix = "cache."
+        cache_tensors = {name[len(prefix) :]: t.to(device) for name, t in tensors.items() if name.startswith(prefix)}
+        try:
+            cache = kv.cache_from_state(cache_tensors, header["cache_layout"], self.lm.base.config)
+        except (KeyError, ValueError, TypeError) as error:
+            raise BankEntryError(f"cache does not fit the model ({error})") from None
+        if kv.cache_length(cache) != header.get("next_position") or "logits" not in tensors:
+            raise BankEntryError("cache length, next position and logits disagree")
+        latents = tensors["latents"].to(device) if "latents" in tensors else None
+        return AugmentedCache(cache, int(header["next_position"]), tensors["logits"].to(device), latents)

@@ -1,0 +1,216 @@
+"""Cache bank: saved caches round-trip bit for bit, hits equal recomputation, and a damaged, edited or
+foreign entry is rejected and rebuilt, never decoded from."""
+
+from __future__ import annotations
+
+import json
+import shutil
+import struct
+
+import pytest
+import torch
+from safetensors.torch import load_file, save_file
+
+from cacheaug import AugmentedLM, CoprocessorConfig
+from cacheaug import cache as kv
+from cacheaug.bank import CacheBank
+from cacheaug.generate import decode
+from conftest import VOCAB, make_base
+
+NUM_LATENTS = 3
+
+
+def _lm(arch: str = "gemma3", seed: int = 2) -> AugmentedLM:
+    lm = AugmentedLM(make_base(arch), CoprocessorConfig(num_latents=NUM_LATENTS))
+    generator = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for parameter in lm.trainable_parameters():
+            parameter.add_(torch.randn(parameter.shape, generator=generator) * 0.05)
+    return lm
+
+
+def _ids(length: int = 14, seed: int = 0) -> torch.Tensor:
+    return torch.randint(2, VOCAB, (1, length), generator=torch.Generator().manual_seed(seed))
+
+
+def _decoded(lm, state, steps: int = 5):
+    with torch.no_grad():
+        return decode(lm.base, state, steps)
+
+
+def test_cache_state_round_trips_bit_identically(arch, tmp_path):
+    base = make_base(arch)
+    state_before = None
+    with torch.no_grad():
+        cache = kv.new_cache(base.config)
+        base(input_ids=_ids(length=11), cache=cache, use_cache=True)  # longer than the sliding windows (6)
+        state_before = [(k.clone(), v.clone()) for k, v in kv.cache_tensors(cache)]
+    tensors, meta = kv.cache_state(cache)
+    save_file(tensors, str(tmp_path / "cache.safetensors"))
+    meta = json.loads(json.dumps(meta))  # what a JSON header gives back
+    rebuilt = kv.cache_from_state(load_file(str(tmp_path / "cache.safetensors")), meta, base.config)
+    assert kv.caches_equal(cache, rebuilt)
+    assert [type(layer) for layer in rebuilt.layers] == [type(layer) for layer in cache.layers]
+    if arch in ("gemma3", "qwen2", "mistral"):
+        assert any(entry["kind"] == "sliding" and entry["cumulative_length"] == 11 for entry in meta["layers"])
+    # decoding continues identically, and leaves the original cache as it was
+    step = torch.tensor([[5]])
+    with torch.no_grad():
+        a = base(input_ids=step, cache=cache, position_ids=torch.tensor([[11]]), use_cache=True).logits
+        b = base(input_ids=step, cache=rebuilt, position_ids=torch.tensor([[11]]), use_cache=True).logits
+    assert torch.equal(a, b)
+    for (k, v), (k0, v0) in zip(kv.cache_tensors(kv.cache_from_state(tensors, meta)), state_before):
+        assert torch.equal(k, k0) and torch.equal(v, v0)
+
+
+def test_cache_from_state_refuses_another_layout():
+    gemma = make_base("gemma3")
+    with torch.no_grad():
+        cache = kv.new_cache(gemma.config)
+        gemma(input_ids=_ids(length=8), cache=cache, use_cache=True)
+    tensors, meta = kv.cache_state(cache)
+    with pytest.raises(ValueError, match="layout"):
+        kv.cache_from_state(tensors, meta, make_base("llama").config)
+
+
+def test_bank_hit_equals_recomputation_and_is_a_copy(tmp_path):
+    lm, ids = _lm(), _ids()
+    with torch.no_grad():
+        fresh = lm.augment(ids)
+    expected = _decoded(lm, lm.augment(ids))
+    bank = CacheBank(tmp_path, lm)
+    built = bank.get_or_build(ids)
+    assert bank.last_status == "built" and bank.path_for(ids).is_file()
+    for reader in (bank, CacheBank(tmp_path, lm)):  # from memory, then from disk
+        state = reader.get_or_build(ids)
+        assert reader.last_status in ("hit (memory)", "hit (disk)")
+        assert torch.equal(state.logits, fresh.logits) and state.next_position == fresh.next_position
+        assert kv.caches_equal(state.cache, fresh.cache) and torch.equal(state.latents, fresh.latents)
+        out = _decoded(lm, state)  # mutates only the copy
+        assert torch.equal(out.tokens, expected.tokens) and torch.equal(out.logits, expected.logits)
+    assert kv.caches_equal(bank.get_or_build(ids).cache, fresh.cache)  # the stored entry is intact
+    assert kv.caches_equal(CacheBank(tmp_path, lm).get_or_build(ids).cache, fresh.cache)
+    assert built.next_position == ids.shape[1] + NUM_LATENTS
+
+
+def test_queries_after_a_banked_context_equal_recomputation(tmp_path):
+    from cacheaug.generate import generate_text
+
+    lm, context = _lm("llama"), _ids(length=12)
+    bank = CacheBank(tmp_path, lm)
+    bank.get_or_build(context)
+    for seed in (1, 2, 3):  # any number of later queries, each from a fresh copy
+        query = _ids(length=5, seed=seed)
+        with torch.no_grad():
+            expected = decode(lm.base, lm.prefill(query, lm.augment(context).cache), 6)
+        got = generate_text(lm, query, 6, augment="off", context=CacheBank(tmp_path, lm).get_or_build(context))
+        assert got.token_ids == expected.tokens[0].tolist()
+        torch.testing.assert_close(got.logits, expected.logits[0], rtol=0, atol=0)
+
+
+def _metadata_span(path) -> tuple[int, bytes]:
+    raw = path.read_bytes()
+    header_size = struct.unpack("<Q", raw[:8])[0]
+    return 8 + header_size, raw
+
+
+def _flip_tensor_byte(path) -> None:
+    data_start, raw = _metadata_span(path)
+    raw = bytearray(raw)
+    raw[data_start + (len(raw) - data_start) // 2] ^= 0xFF
+    path.write_bytes(bytes(raw))
+
+
+def _edit_header(path) -> None:
+    data_start, raw = _metadata_span(path)
+    header = raw[8:data_start].decode()
+    edited = header.replace('\\"next_position\\": ', '\\"next_position\\": 1', 1)  # same JSON, another value
+    edited = edited[: len(header)].ljust(len(header))  # keep the size: a still-parseable file
+    assert edited != header
+    path.write_bytes(raw[:8] + edited.encode() + raw[data_start:])
+
+
+def _truncate(path) -> None:
+    raw = path.read_bytes()
+    path.write_bytes(raw[: len(raw) * 2 // 3])
+
+
+@pytest.mark.parametrize(
+    "damage, reason",
+    [
+        (_flip_tensor_byte, "tensor data corrupted"),
+        (_edit_header, "header was edited"),
+        (_truncate, "unreadable"),
+        (lambda path: path.write_bytes(b"not a safetensors file"), "unreadable"),
+    ],
+)
+def test_damaged_entry_is_rejected_and_rebuilt(tmp_path, damage, reason):
+    lm, ids = _lm(), _ids()
+    with torch.no_grad():
+        fresh = lm.augment(ids)
+    CacheBank(tmp_path, lm).get_or_build(ids)
+    path = CacheBank(tmp_path, lm).path_for(ids)
+    damage(path)
+    bank = CacheBank(tmp_path, lm)
+    assert bank.get(ids) is None and bank.last_status.startswith("rejected") and reason in bank.last_status
+    state = bank.get_or_build(ids)
+    assert bank.last_status.startswith("rebuilt") and reason in bank.last_status
+    assert torch.equal(state.logits, fresh.logits) and kv.caches_equal(state.cache, fresh.cache)
+    again = CacheBank(tmp_path, lm)
+    again.get_or_build(ids)
+    assert again.last_status == "hit (disk)"  # the rebuilt file is whole again
+
+
+def test_another_models_entry_is_never_used(tmp_path):
+    ids = _ids()
+    lm_a, lm_b = _lm(seed=2), _lm(seed=3)  # same base, other coprocessor weights
+    bank_a, bank_b = CacheBank(tmp_path, lm_a), CacheBank(tmp_path, lm_b)
+    bank_a.get_or_build(ids)
+    assert bank_b.path_for(ids) != bank_a.path_for(ids)
+    assert bank_b.get(ids) is None and bank_b.last_status == "miss"
+    # a's file where b would look: refused, and b's own augmentation built in its place
+    bank_b.path_for(ids).parent.mkdir(parents=True, exist_ok=True)
+    shutil.copy(bank_a.path_for(ids), bank_b.path_for(ids))
+    state = bank_b.get_or_build(ids)
+    assert bank_b.last_status.startswith("rebuilt") and "another key" in bank_b.last_status
+    with torch.no_grad():
+        assert torch.equal(state.logits, lm_b.augment(ids).logits)
+    # another architecture never shares a key with the same token ids
+    assert CacheBank(tmp_path, _lm("llama")).key_for(ids) != bank_a.key_for(ids)
+
+
+def test_entry_with_foreign_fingerprint_is_refused(tmp_path):
+    ids = _ids()
+    lm_a, lm_b = _lm(seed=2), _lm(seed=3)
+    bank_a, bank_b = CacheBank(tmp_path / "a", lm_a), CacheBank(tmp_path / "b", lm_b)
+    bank_a.get_or_build(ids)
+    # even under b's own key (a header forged to claim it), a's fingerprint gives the entry away
+    bank_a.key_for = bank_b.key_for
+    bank_a.build(ids)
+    shutil.copytree(tmp_path / "a", tmp_path / "b", dirs_exist_ok=True)
+    assert bank_b.get(ids) is None and "another model" in bank_b.last_status
+    assert "coprocessor_sha256" in bank_b.last_status
+
+
+def test_add_text_and_cli(tmp_path, capsys):
+    from cacheaug import load_base
+    from cacheaug.cli import main
+
+    base, tokenizer = load_base("tiny-random")
+    lm = AugmentedLM(base, CoprocessorConfig(num_latents=NUM_LATENTS))
+    lm.save_pretrained(tmp_path / "ckpt")
+    document = tmp_path / "doc.txt"
+    document.write_text("A long context, augmented once and reused by later queries. " * 3)
+    root = tmp_path / "bank"
+    assert main(["bank", "add", "--ckpt", str(tmp_path / "ckpt"), "--root", str(root), str(document)]) == 0
+    assert "built" in capsys.readouterr().out
+    assert main(["bank", "add", "--ckpt", str(tmp_path / "ckpt"), "--root", str(root), str(document)]) == 0
+    assert "hit (disk)" in capsys.readouterr().out
+    entry = CacheBank(root, AugmentedLM.from_pretrained(tmp_path / "ckpt", base=base), tokenizer).add_text(
+        document.read_text()
+    )
+    assert entry.status == "hit (disk)" and entry.path.is_file() and entry.num_tokens == len(document.read_text())
+    too_long = tmp_path / "long.txt"
+    too_long.write_text("x" * 2048)  # 2048 byte tokens + latents > the tiny model's 2048 positions
+    assert main(["bank", "add", "--ckpt", str(tmp_path / "ckpt"), "--root", str(root), str(too_long)]) == 2
+    assert "do not fit the model's context" in capsys.readouterr().err

@@ -1,0 +1,230 @@
+"""The HTTP server: strict validation with 4xx messages, SSE equal to the plain response, concurrent requests
+equal to sequential ones, a broken coprocessor never failing a request, and a loopback load test."""
+
+from __future__ import annotations
+
+import json
+from concurrent.futures import ThreadPoolExecutor
+
+import pytest
+import torch
+from fastapi.testclient import TestClient
+
+from cacheaug import AugmentedLM, CoprocessorConfig, load_base
+from cacheaug.models import byte_tokenizer
+from cacheaug.serve import BackgroundServer, create_app, percentile, run_load_test
+
+CHAT_TEMPLATE = (
+    "{% for m in messages %}<{{ m['role'] }}>{{ m['content'] }}\n{% endfor %}"
+    "{% if add_generation_prompt %}<assistant>{% endif %}"
+)
+
+
+@pytest.fixture(scope="module")
+def model():
+    base, tokenizer = load_base("tiny-random")
+    torch.manual_seed(0)  # the soft tokens come from the global RNG: the same model whatever ran before
+    lm = AugmentedLM(base, CoprocessorConfig(num_latents=4))
+    generator = torch.Generator().manual_seed(2)
+    with torch.no_grad():
+        for parameter in lm.trainable_parameters():
+            parameter.add_(torch.randn(parameter.shape, generator=generator) * 0.05)
+    return lm, tokenizer
+
+
+@pytest.fixture(scope="module")
+def client(model):
+    lm, tokenizer = model
+    with TestClient(create_app(lm, tokenizer)) as test_client:
+        yield test_client
+
+
+def _complete(client, **body) -> dict:
+    response = client.post("/v1/completions", json={"max_tokens": 12, "temperature": 0, **body})
+    assert response.status_code == 200, response.text
+    return response.json()
+
+
+def _sse(client, path: str, body: dict) -> list:
+    with client.stream("POST", path, json={**body, "stream": True}) as response:
+        assert response.status_code == 200 and response.headers["content-type"].startswith("text/event-stream")
+        raw = response.read().decode()
+    events = [block for block in raw.split("\n\n") if block]
+    assert all(block.startswith("data: ") for block in events) and events[-1] == "data: [DONE]"
+    return [json.loads(block[len("data: ") :]) for block in events[:-1]]
+
+
+def test_health(client):
+    health = client.get("/health").json()
+    assert health["status"] == "ok" and health["model"] == "tiny-random"
+    assert health["coprocessor"] and health["num_latents"] == 4 and health["max_context"] == 2048
+    assert client.get("/v1/models").json()["data"][0]["id"] == "tiny-random"
+
+
+@pytest.mark.parametrize(
+    "body, message",
+    [
+        ("{not json", "invalid JSON"),
+        ('[1, 2]', "JSON object"),
+        ('{"max_tokens": 4}', "'prompt' is required"),
+        ('{"prompt": "hi", "temprature": 0.5}', "unknown field 'temprature'"),
+        ('{"prompt": 42}', "'prompt': Input should be a valid string"),
+        ('{"prompt": "hi", "max_tokens": "8"}', "'max_tokens': Input should be a valid integer"),
+        ('{"prompt": "hi", "stream": "yes"}', "'stream'"),
+        ('{"prompt": "hi", "augment": "maybe"}', "'augment'"),
+        ('{"prompt": "hi", "max_tokens": 0}', "max_tokens must be between 1 and 2048"),
+        ('{"prompt": "hi", "max_tokens": 1000000}', "max_tokens must be between 1 and 2048"),
+        ('{"prompt": "hi", "max_tokens": 2046}', "exceed the model's context of 2048"),
+        (json.dumps({"prompt": "x" * 2049}), "longer than the model's context of 2048"),
+        ('{"prompt": ""}', "the prompt is empty"),
+        ('{"prompt": "hi", "temperature": -0.5}', "'temperature': Input should be greater than or equal to 0"),
+        ('{"prompt": "hi", "top_p": 0}', "'top_p': Input should be greater than 0"),
+        ('{"prompt": "hi", "top_p": 1.5}', "'top_p'"),
+        ('{"prompt": "hi", "n": 2}', "'n'"),
+        ('{"prompt": "hi", "stop": ["a", "b", "c", "d", "e"]}', "'stop'"),
+    ],
+)
+def test_invalid_requests_get_4xx_with_a_message_and_the_server_keeps_serving(client, body, message):
+    response = client.post("/v1/completions", content=body, headers={"content-type": "application/json"})
+    assert 400 <= response.status_code < 500
+    error = response.json()["error"]
+    assert message in error["message"] and error["type"] == "invalid_request_error"
+    assert _complete(client, prompt="still serving")["choices"][0]["finish_reason"] in ("length", "stop")
+
+
+def test_completion_reports_augmentation(client, model):
+    lm, tokenizer = model
+    augmented = _complete(client, prompt="The answer is")
+    plain = _complete(client, prompt="The answer is", augment="off")
+    assert augmented["augmentation"] == {
+        "requested": "sync", "status": "applied", "applied": True, "insertions": [0], "num_latents": 4
+    }
+    assert plain["augmentation"]["status"] == "off" and not plain["augmentation"]["applied"]
+    ids = tokenizer("The answer is", return_tensors="pt").input_ids
+    expected = lm.generate(ids, 12, eos_token_id=tokenizer.eos_token_id)[0, ids.shape[1] :]
+    assert augmented["choices"][0]["text"] == tokenizer.decode(expected, skip_special_tokens=True)
+    usage = {"prompt_tokens": 13, "completion_tokens": len(expected), "total_tokens": 13 + len(expected)}
+    assert augmented["usage"] == usage
+    assert augmented["object"] == "text_completion"
+    reaugmented = _complete(client, prompt="The answer is", reaugment_every=5)
+    assert reaugmented["augmentation"]["insertions"] == [0, 5, 10]
+
+
+@pytest.mark.parametrize("body", [{"temperature": 0}, {"temperature": 0.9, "top_p": 0.8, "seed": 11}])
+def test_sse_chunks_concatenate_to_the_plain_text(client, body):
+    request = {"prompt": "Once upon a time", "max_tokens": 20, **body}
+    plain = client.post("/v1/completions", json=request).json()
+    chunks = _sse(client, "/v1/completions", request)
+    assert "".join(chunk["choices"][0]["text"] for chunk in chunks) == plain["choices"][0]["text"]
+    assert all(chunk["choices"][0]["finish_reason"] is None for chunk in chunks[:-1])
+    assert chunks[-1]["choices"][0]["finish_reason"] == plain["choices"][0]["finish_reason"]
+    assert chunks[-1]["augmentation"]["applied"] and chunks[-1]["usage"] == plain["usage"]
+
+
+def test_stop_strings(client):
+    full = _complete(client, prompt="Stop here", max_tokens=20)["choices"][0]["text"]
+    stop = full[6:8]
+    stopped = _complete(client, prompt="Stop here", max_tokens=20, stop=stop)
+    assert stopped["choices"][0]["text"] == full[: full.find(stop)]
+    assert stopped["choices"][0]["finish_reason"] == "stop"
+    body = {"prompt": "Stop here", "max_tokens": 20, "temperature": 0, "stop": [stop]}
+    chunks = _sse(client, "/v1/completions", body)
+    assert "".join(chunk["choices"][0]["text"] for chunk in chunks) == full[: full.find(stop)]
+
+
+def test_concurrent_requests_equal_sequential_ones(client):
+    requests = [
+        {"prompt": f"Request number {i} asks something {'longer ' * i}", "max_tokens": 10,
+         "augment": ["sync", "off"][i % 2], **({"temperature": 0.8, "seed": i} if i % 3 == 0 else {"temperature": 0})}
+        for i in range(8)
+    ]
+    sequential = [client.post("/v1/completions", json=r).json()["choices"][0]["text"] for r in requests]
+    with ThreadPoolExecutor(4) as pool:
+        responses = list(pool.map(lambda r: client.post("/v1/completions", json=r), requests))
+    concurrent = [response.json()["choices"][0]["text"] for response in responses]
+    assert concurrent == sequential
+    assert len(set(sequential)) >= 4  # the prompts lead to different texts: a mix-up would show
+
+
+def test_broken_coprocessor_never_fails_a_request(model, monkeypatch):
+    lm, tokenizer = model
+
+    def explode(*args, **kwargs):
+        raise RuntimeError("no latents today")
+
+    with TestClient(create_app(lm, tokenizer)) as client:
+        plain = _complete(client, prompt="Robust", augment="off")
+        monkeypatch.setattr(lm.coprocessor, "forward", explode)
+        for augment in ("sync", "async"):
+            broken = _complete(client, prompt="Robust", augment=augment)
+            assert broken["augmentation"]["status"] == "failed: RuntimeError: no latents today"
+            assert not broken["augmentation"]["applied"]
+            assert broken["choices"][0]["text"] == plain["choices"][0]["text"]
+
+
+def test_chat_needs_a_template_and_streams(model):
+    lm, _ = model
+    messages = [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "Hi?"}]
+    with TestClient(create_app(lm, byte_tokenizer())) as client:
+        response = client.post("/v1/chat/completions", json={"messages": messages})
+        assert response.status_code == 404 and "chat template" in response.json()["error"]["message"]
+    tokenizer = byte_tokenizer()
+    tokenizer.chat_template = CHAT_TEMPLATE
+    with TestClient(create_app(lm, tokenizer)) as client:
+        body = {"messages": messages, "max_tokens": 10, "temperature": 0}
+        reply = client.post("/v1/chat/completions", json=body).json()
+        assert reply["object"] == "chat.completion" and reply["choices"][0]["message"]["role"] == "assistant"
+        rendered = "<system>Be brief.\n<user>Hi?\n<assistant>"
+        same = client.post("/v1/completions", json={"prompt": rendered, "max_tokens": 10, "temperature": 0}).json()
+        assert reply["choices"][0]["message"]["content"] == same["choices"][0]["text"]
+        chunks = _sse(client, "/v1/chat/completions", body)
+        assert chunks[0]["choices"][0]["delta"]["role"] == "assistant"
+        streamed = "".join(chunk["choices"][0]["delta"].get("content", "") for chunk in chunks)
+        assert streamed == reply["choices"][0]["message"]["content"]
+        bad = client.post("/v1/chat/completions", json={"messages": [{"role": "robot", "content": "x"}]})
+        assert bad.status_code == 400 and "messages.0.role" in bad.json()["error"]["message"]
+
+
+def test_loopback_server_and_load_test(model):
+    import httpx
+
+    lm, tokenizer = model
+    with BackgroundServer(create_app(lm, tokenizer)) as server:
+        assert server.url.startswith("http://127.0.0.1:")
+        assert httpx.get(f"{server.url}/health").json()["status"] == "ok"
+        payloads = [{"prompt": f"load {i}", "max_tokens": 4, "temperature": 0, "augment": "async"} for i in range(6)]
+        result = run_load_test(server.url, payloads, concurrency=3)
+        assert result.errors == 0 and result.requests == 6 and result.latency_p95_s >= result.latency_p50_s > 0
+        refused = run_load_test(server.url, [{"prompt": "x", "max_tokens": 0}], concurrency=1)
+        assert refused.errors == 1 and "HTTP 400" in refused.error_samples[0]
+
+
+def test_percentile():
+    assert percentile([3.0, 1.0, 2.0], 50) == 2.0
+    assert percentile([1.0, 2.0], 95) == pytest.approx(1.95)
+
+
+def test_serve_cli_loads_the_checkpoint(tmp_path, monkeypatch):
+    import cacheaug.serve
+    from cacheaug.cli import main
+
+    base, _ = load_base("tiny-random")
+    AugmentedLM(base, CoprocessorConfig(num_latents=4)).save_pretrained(tmp_path / "ckpt")
+    calls = []
+    monkeypatch.setattr(cacheaug.serve, "serve", lambda lm, tokenizer, **options: calls.append((lm, options)))
+    assert main(["serve", "--ckpt", str(tmp_path / "ckpt"), "--port", "8123"]) == 0
+    lm, options = calls[0]
+    assert lm.config.num_latents == 4 and options == {"host": "127.0.0.1", "port": 8123, "augment_timeout_s": 30.0}
+
+
+def test_chat_default_max_tokens_fill_the_context_with_room_for_latents(client):
+    from cacheaug.serve import ChatCompletionRequest
+
+    server = client.app.state.cacheaug
+    messages = [{"role": "user", "content": "x"}]
+    for options, latents_per_token in (({}, 0), ({"reaugment_every": 8}, 4 / 8), ({"augment": "off"}, 0)):
+        request = ChatCompletionRequest(messages=messages, **options)
+        max_tokens = server.check_lengths(1000, request, chat=True)
+        first = 0 if request.augment == "off" else 4
+        assert 1000 + first + max_tokens * (1 + latents_per_token) <= 2048
+        assert 1000 + first + (max_tokens + 8) * (1 + latents_per_token) > 2048 - 8  # and nearly fill it
