@@ -12,6 +12,7 @@ import yaml
 from .checkpoint import CheckpointError
 from .config import ConfigError
 from .data import DataError
+from .eval_cli import add_eval_tasks, add_report
 
 
 def parse_overrides(tokens: list[str]) -> dict:
@@ -63,6 +64,8 @@ def cmd_eval(args, extra: list[str]) -> int:
     from .evaluate import evaluate_ahead
     from .train import run_config_from_checkpoint
 
+    if not args.ckpt:
+        raise ConfigError("--ckpt is required (or name a task: cacheaug eval {perplexity,gsm8k,mc,harness} ...)")
     lm, tokenizer = _load_checkpoint(args.ckpt)
     run = run_config_from_checkpoint(args.ckpt)
     data_args = run.data if run is not None else DataArgs()
@@ -110,6 +113,29 @@ def cmd_info(args, extra: list[str]) -> int:
     return 0
 
 
+def cmd_serve(args, extra: list[str]) -> int:
+    from .serve import serve
+
+    lm, tokenizer = _load_checkpoint(args.ckpt)
+    serve(lm, tokenizer, host=args.host, port=args.port, augment_timeout_s=args.augment_timeout)
+    return 0
+
+
+def cmd_bank_add(args, extra: list[str]) -> int:
+    from .bank import CacheBank
+    from .models import cache_home
+
+    lm, tokenizer = _load_checkpoint(args.ckpt)
+    bank = CacheBank(args.root or cache_home() / "bank", lm, tokenizer)
+    for file in args.files:
+        try:
+            entry = bank.add_text(Path(file).read_text())
+        except ValueError as error:  # empty or longer than the model's context
+            raise ConfigError(f"{file}: {error}") from None
+        print(f"{file}: {entry.num_tokens} tokens, {entry.status} -> {entry.path}")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="cacheaug", description="Differentiable cache augmentation (arXiv 2412.17747).")
     verbs = parser.add_subparsers(dest="verb", required=True)
@@ -121,13 +147,15 @@ def build_parser() -> argparse.ArgumentParser:
     train.set_defaults(func=cmd_train)
 
     evaluate = verbs.add_parser("eval", help="ahead-token loss with and without augmentation for a checkpoint")
-    evaluate.add_argument("--ckpt", required=True)
+    evaluate.add_argument("--ckpt", help="checkpoint folder")
     evaluate.add_argument("--data", help="validation source (default: the run's own)")
     evaluate.add_argument("--seq-len", type=int)
     evaluate.add_argument("--batches", type=int, default=8)
     evaluate.add_argument("--batch-size", type=int, default=4)
     evaluate.add_argument("--json", help="also write the result here")
     evaluate.set_defaults(func=cmd_eval)
+    add_eval_tasks(evaluate)  # eval perplexity|gsm8k|mc|harness
+    add_report(verbs)
 
     generate = verbs.add_parser("generate", help="decode from a prompt, augmented by a checkpoint")
     generate.add_argument("--ckpt", required=True)
@@ -139,6 +167,21 @@ def build_parser() -> argparse.ArgumentParser:
     generate.add_argument("--top-p", type=float, default=1.0)
     generate.add_argument("--seed", type=int)
     generate.set_defaults(func=cmd_generate)
+
+    serve = verbs.add_parser("serve", help="OpenAI-compatible HTTP server (completions, chat, SSE) for a checkpoint")
+    serve.add_argument("--ckpt", required=True)
+    serve.add_argument("--host", default="127.0.0.1")
+    serve.add_argument("--port", type=int, default=8000)
+    serve.add_argument("--augment-timeout", type=float, default=30.0, help="seconds the coprocessor may take")
+    serve.set_defaults(func=cmd_serve)
+
+    bank = verbs.add_parser("bank", help="cache bank: contexts augmented once, stored, reused")
+    bank_verbs = bank.add_subparsers(dest="bank_verb", required=True)
+    bank_add = bank_verbs.add_parser("add", help="augment text files and store their caches")
+    bank_add.add_argument("--ckpt", required=True)
+    bank_add.add_argument("--root", help="bank folder (default: $CACHEAUG_HOME/bank)")
+    bank_add.add_argument("files", nargs="+")
+    bank_add.set_defaults(func=cmd_bank_add)
 
     info = verbs.add_parser("info", help="config, base model and trainable parameters of a checkpoint")
     info.add_argument("dir")

@@ -1,13 +1,16 @@
-"""Evaluation: ahead-token loss and perplexity by offset, with and without augmentation."""
+"""Evaluation with and without augmentation: ahead-token loss, perplexity by position, continuation scoring,
+generation and multiple choice (arXiv 2412.17747, sections 3.1-3.2)."""
 
 from __future__ import annotations
 
+import json
 import math
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, fields
 
 import torch
 
-from .coprocessor import AugmentedLM
+from . import cache as kv
+from .coprocessor import AugmentedCache, AugmentedLM
 
 EVAL_POINTS_SEED = 1234  # validation points are fixed, so every evaluation scores the same tokens
 
@@ -72,3 +75,335 @@ def _offset_counts(points: torch.Tensor, length: int, num_ahead: int) -> torch.T
     """(N_A,) how many points have a target at each offset (targets past the sequence end are not scored)."""
     offsets = torch.arange(num_ahead)
     return (points.cpu()[:, :, None] + 1 + offsets < length).sum(dim=(0, 1)).float()
+
+
+# ---------------------------------------------------------------------------- perplexity by position (Table 1)
+TABLE_OFFSETS = (1, 2, 4, 8, 16, 32)  # the offsets arXiv 2412.17747 Table 1 reports
+
+
+@dataclass
+class PositionEval:
+    """NLL of the k-th token after the latents (k = 1..K), latents inserted every ``every`` tokens.
+
+    The base numbers score exactly the same targets with no latents: x_{t+k} given x_0..x_{t+k-1}.
+    """
+
+    nll_augmented: list[float]  # (K,) mean NLL (nats) of the k-th token after the latents
+    nll_base: list[float]  # (K,)
+    tokens_by_offset: list[int]  # (K,) targets scored at each offset
+    num_sequences: int
+    seq_len: int
+    every: int
+    num_points: int  # augmentation points, all sequences together
+
+    @property
+    def num_offsets(self) -> int:
+        return len(self.nll_augmented)
+
+    @property
+    def perplexity_augmented(self) -> list[float]:
+        return [math.exp(nll) for nll in self.nll_augmented]
+
+    @property
+    def perplexity_base(self) -> list[float]:
+        return [math.exp(nll) for nll in self.nll_base]
+
+    @property
+    def relative_change(self) -> list[float]:
+        """(K,) percent change of perplexity with latents vs without (negative = better), as in Table 1."""
+        return [100 * (math.exp(aug - base) - 1) for aug, base in zip(self.nll_augmented, self.nll_base)]
+
+    def to_dict(self) -> dict:
+        return {
+            **asdict(self),
+            "perplexity_augmented": self.perplexity_augmented,
+            "perplexity_base": self.perplexity_base,
+            "relative_change_percent": self.relative_change,
+        }
+
+    @classmethod
+    def from_dict(cls, data: dict) -> "PositionEval":
+        return cls(**{f.name: data[f.name] for f in fields(cls)})
+
+    def table(self, offsets: tuple[int, ...] = TABLE_OFFSETS) -> str:
+        """Markdown: perplexity of the k-th token after the latents, with vs without, and the change."""
+        lines = ["| offset | ppl augmented | ppl base | change |", "|---:|---:|---:|---:|"]
+        for offset in [k for k in offsets if k <= self.num_offsets]:
+            index = offset - 1
+            lines.append(
+                f"| {offset} | {self.perplexity_augmented[index]:.3f} | {self.perplexity_base[index]:.3f} "
+                f"| {self.relative_change[index]:+.2f}% |"
+            )
+        return "\n".join(lines)
+
+
+def position_points(length: int, num_offsets: int, every: int = 1) -> torch.Tensor:
+    """(P,) points 0, every, 2*every, ... that leave all ``num_offsets`` targets inside a sequence of ``length``.
+
+    A sequence too short for one full window falls back to every point in 0..length-2 (partial windows).
+    """
+    if every < 1:
+        raise ValueError(f"every must be >= 1, got {every}")
+    last = length - 1 - num_offsets
+    return torch.arange(0, (last if last >= 0 else length - 2) + 1, every)
+
+
+@torch.no_grad()
+def evaluate_positions(
+    lm: AugmentedLM,
+    batches: list[torch.Tensor],
+    num_offsets: int = 32,
+    every: int = 1,
+    max_queries: int = 2048,
+    progress: bool = False,
+) -> PositionEval:
+    """Perplexity by position (arXiv 2412.17747, section 3.1) over (B, T) batches, with and without latents.
+
+    Augmented: the one-pass block-masked loss with N_A = ``num_offsets``, the points of a sequence split into
+    chunks of at most ``max_queries`` new base tokens per row (memory and attention cost stay bounded).
+    Base: one plain forward per batch.
+    """
+    if not batches:
+        raise ValueError("perplexity by position needs at least one batch")
+    was_training = lm.training
+    lm.eval()
+    group_size = lm.config.num_latents + num_offsets - 1  # new base tokens per point
+    points_per_chunk = max(1, max_queries // group_size)
+    sums = {"aug": torch.zeros(num_offsets, dtype=torch.float64), "base": torch.zeros(num_offsets, dtype=torch.float64)}
+    counts = torch.zeros(num_offsets, dtype=torch.float64)
+    num_points = num_sequences = 0
+    iterator = batches
+    if progress:
+        from tqdm.auto import tqdm
+
+        iterator = tqdm(batches, desc="perplexity by position", unit="batch", dynamic_ncols=True)
+    for batch in iterator:
+        batch = batch.to(lm.device)
+        rows, length = batch.shape
+        points = position_points(length, num_offsets, every).to(lm.device)
+        all_points = points.expand(rows, -1)
+        per_offset = _offset_counts(all_points, length, num_offsets).double()
+        base = lm.unaugmented_loss(batch, all_points, num_ahead=num_offsets)
+        sums["base"] += base.nll_by_offset.cpu().double() * per_offset
+        for chunk in points.split(points_per_chunk):
+            # Targets of this chunk end at t_max + num_offsets: the rest of the sequence is not needed.
+            end = min(length, int(chunk[-1]) + num_offsets + 1)
+            chunk_points = chunk.expand(rows, -1)
+            out = lm.training_loss(batch[:, :end], chunk_points, num_ahead=num_offsets)
+            sums["aug"] += out.nll_by_offset.cpu().double() * _offset_counts(chunk_points, end, num_offsets).double()
+        counts += per_offset
+        num_points += rows * len(points)
+        num_sequences += rows
+    lm.train(was_training)
+    safe = counts.clamp(min=1)
+    return PositionEval(
+        nll_augmented=(sums["aug"] / safe).tolist(),
+        nll_base=(sums["base"] / safe).tolist(),
+        tokens_by_offset=[int(c) for c in counts],
+        num_sequences=num_sequences,
+        seq_len=max(int(b.shape[1]) for b in batches),
+        every=every,
+        num_points=num_points,
+    )
+
+
+# ---------------------------------------------------------------------------- scoring and generation after a context
+def encode_pair(tokenizer, context: str, continuation: str) -> tuple[list[int], list[int]]:
+    """Token ids of context and continuation, split as lm-evaluation-harness splits them.
+
+    Trailing spaces of the context move to the continuation; the continuation's ids are those of
+    ``context + continuation`` after the context's own ids, so word-boundary merges are kept.
+    """
+    if not context:
+        raise ValueError("the context must be non-empty: the coprocessor reads its cache")
+    spaces = len(context) - len(context.rstrip())
+    if spaces:
+        context, continuation = context[:-spaces], context[-spaces:] + continuation
+    context_ids = encode(tokenizer, context)
+    whole = encode(tokenizer, context + continuation)
+    return context_ids, whole[len(context_ids):]
+
+
+def encode(tokenizer, text: str) -> list[int]:
+    """A prompt's ids, with the tokenizer's own special tokens (BOS for models that expect one)."""
+    return list(tokenizer(text).input_ids)
+
+
+def context_state(lm: AugmentedLM, context_ids: list[int], augment: bool, cache=None) -> AugmentedCache:
+    """The base's cache after ``context_ids`` (read onto a copy of ``cache`` when given), and, if ``augment``,
+    the coprocessor's latents written once at its end."""
+    if not context_ids:
+        raise ValueError("the context must hold at least one token")
+    ids = torch.tensor([context_ids], device=lm.device)
+    with torch.no_grad():
+        return lm.augment(ids, cache) if augment else lm.prefill(ids, cache)
+
+
+@torch.no_grad()
+def continuation_logprobs(
+    lm: AugmentedLM, state: AugmentedCache, continuations: list[list[int]]
+) -> list[tuple[float, bool]]:
+    """(sum of log p, greedy?) of each continuation after ``state``, each scored from a copy of its cache."""
+    results = []
+    for continuation in continuations:
+        if not continuation:
+            results.append((0.0, True))
+            continue
+        logits = [state.logits]  # (1, V): predicts the first continuation token
+        if len(continuation) > 1:
+            inputs = torch.tensor([continuation[:-1]], device=lm.device)
+            positions = torch.arange(state.next_position, state.next_position + inputs.shape[1], device=lm.device)
+            out = lm.base(
+                input_ids=inputs, cache=kv.copy_cache(state.cache), position_ids=positions[None], use_cache=True
+            )
+            logits.append(out.logits[0])
+        log_probs = torch.log_softmax(torch.cat(logits).float(), dim=-1)  # (n, V)
+        targets = torch.tensor(continuation, device=lm.device)
+        total = log_probs.gather(-1, targets[:, None]).sum().item()
+        results.append((total, bool((log_probs.argmax(-1) == targets).all())))
+    return results
+
+
+@torch.no_grad()
+def generate_until(
+    lm: AugmentedLM,
+    tokenizer,
+    state: AugmentedCache,
+    max_new_tokens: int,
+    stop: tuple[str, ...] | list[str] = (),
+) -> str:
+    """Greedy text after ``state`` (extended in place), cut before the first stop sequence or at EOS."""
+    eos = tokenizer.eos_token_id
+    tokens: list[int] = []
+    logits = state.logits
+    for step in range(max_new_tokens):
+        token = int(logits[0].argmax())
+        if token == eos:
+            break
+        tokens.append(token)
+        text = tokenizer.decode(tokens, skip_special_tokens=True)
+        if any(sequence in text for sequence in stop):
+            break
+        if step == max_new_tokens - 1:
+            break
+        out = lm.base(
+            input_ids=torch.tensor([[token]], device=lm.device),
+            cache=state.cache,
+            position_ids=torch.tensor([[state.next_position]], device=lm.device),
+            use_cache=True,
+            logits_to_keep=1,
+        )
+        state.next_position += 1
+        state.logits = logits = out.logits[:, -1]
+    return cut_at_stop(tokenizer.decode(tokens, skip_special_tokens=True), stop)
+
+
+def cut_at_stop(text: str, stop) -> str:
+    """``text`` before the earliest occurrence of any stop sequence."""
+    cuts = [text.find(sequence) for sequence in stop if sequence and sequence in text]
+    return text[: min(cuts)] if cuts else text
+
+
+# ---------------------------------------------------------------------------- multiple choice by log-likelihood
+@dataclass
+class McEval:
+    """Accuracy by summed log-likelihood, and by log-likelihood per character of the choice (lm-eval's acc_norm)."""
+
+    acc_augmented: float | None
+    acc_norm_augmented: float | None
+    acc_base: float | None
+    acc_norm_base: float | None
+    num_items: int
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+    def table(self) -> str:
+        def cell(value):
+            return "-" if value is None else f"{100 * value:.2f}"
+
+        return "\n".join([
+            "| condition | acc | acc_norm |", "|---|---:|---:|",
+            f"| augmented | {cell(self.acc_augmented)} | {cell(self.acc_norm_augmented)} |",
+            f"| base | {cell(self.acc_base)} | {cell(self.acc_norm_base)} |",
+        ])
+
+
+def read_mc_items(path) -> list[dict]:
+    """Rows ``{"context": str, "choices": [str, ...], "gold": int}`` of a JSONL file, checked."""
+    from .data import DataError
+
+    items = []
+    with open(path, encoding="utf-8") as handle:
+        for number, line in enumerate(handle, 1):
+            if not line.strip():
+                continue
+            try:
+                row = json.loads(line)
+            except json.JSONDecodeError as error:
+                raise DataError(f"{path} line {number}: not valid JSON ({error.msg})") from None
+            ok = (
+                isinstance(row, dict) and isinstance(row.get("context"), str) and row["context"]
+                and isinstance(row.get("choices"), list) and len(row["choices"]) >= 2
+                and all(isinstance(choice, str) and choice for choice in row["choices"])
+                and isinstance(row.get("gold"), int) and 0 <= row["gold"] < len(row["choices"])
+            )
+            if not ok:
+                raise DataError(
+                    f"{path} line {number}: expected {{\"context\": non-empty str, \"choices\": [>= 2 non-empty str], "
+                    f"\"gold\": index of the right choice}}, got {line.strip()[:120]}"
+                )
+            items.append(row)
+    if not items:
+        raise DataError(f"{path} holds no multiple-choice rows")
+    return items
+
+
+@torch.no_grad()
+def evaluate_mc(
+    lm: AugmentedLM,
+    tokenizer,
+    items: list[dict],
+    delimiter: str = " ",
+    conditions: tuple[bool, ...] = (True, False),
+    progress: bool = False,
+) -> tuple[McEval, list[dict]]:
+    """Score ``delimiter + choice`` after each context; augmented = latents once at the end of the context.
+
+    Returns the accuracies and one record per item and condition (log-likelihoods, predictions).
+    """
+    was_training = lm.training
+    lm.eval()
+    records = []
+    correct = {(augment, norm): 0 for augment in conditions for norm in (False, True)}
+    iterator = items
+    if progress:
+        from tqdm.auto import tqdm
+
+        iterator = tqdm(items, desc="multiple choice", unit="item", dynamic_ncols=True)
+    for index, item in enumerate(iterator):
+        pairs = [encode_pair(tokenizer, item["context"], delimiter + choice) for choice in item["choices"]]
+        context_ids = pairs[0][0]
+        if any(pair[0] != context_ids for pair in pairs):
+            raise ValueError(f"item {index}: the choices change how the context is tokenised")
+        for augment in conditions:
+            state = context_state(lm, context_ids, augment)
+            scores = [logprob for logprob, _ in continuation_logprobs(lm, state, [pair[1] for pair in pairs])]
+            per_char = [score / max(1, len(choice)) for score, choice in zip(scores, item["choices"])]
+            prediction = max(range(len(scores)), key=scores.__getitem__)
+            prediction_norm = max(range(len(per_char)), key=per_char.__getitem__)
+            correct[(augment, False)] += prediction == item["gold"]
+            correct[(augment, True)] += prediction_norm == item["gold"]
+            records.append({
+                "index": index, "augmented": augment, "gold": item["gold"], "loglikelihoods": scores,
+                "prediction": prediction, "prediction_norm": prediction_norm,
+            })
+    lm.train(was_training)
+
+    def accuracy(augment: bool, norm: bool) -> float | None:
+        return correct[(augment, norm)] / len(items) if augment in conditions and items else None
+
+    result = McEval(
+        accuracy(True, False), accuracy(True, True), accuracy(False, False), accuracy(False, True), len(items)
+    )
+    return result, records
