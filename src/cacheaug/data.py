@@ -498,3 +498,15 @@ def iter_documents(args: DataArgs, split: str = "train") -> Iterator[str]:
     corpus = _corpus(args, split)
     for part in corpus.parts:
         yield from corpus.documents(part)
+
+
+def read_jsonl(path: str | os.PathLike) -> Iterator[tuple[int, Any]]:
+    """(line number, parsed row) for every non-blank line of a small JSONL file (evaluation sets)."""
+    with open(path, encoding="utf-8") as handle:
+        for number, line in enumerate(handle, 1):
+            if not line.strip():
+                continue
+            try:
+                yield number, json.loads(line)
+            except json.JSONDecodeError as error:
+                raise DataError(f"{path} line {number}: not valid JSON ({error.msg})") from None

@@ -331,29 +331,22 @@ class McEval:
 
 def read_mc_items(path) -> list[dict]:
     """Rows ``{"context": str, "choices": [str, ...], "gold": int}`` of a JSONL file, checked."""
-    from .data import DataError
+    from .data import DataError, read_jsonl
 
     items = []
-    with open(path, encoding="utf-8") as handle:
-        for number, line in enumerate(handle, 1):
-            if not line.strip():
-                continue
-            try:
-                row = json.loads(line)
-            except json.JSONDecodeError as error:
-                raise DataError(f"{path} line {number}: not valid JSON ({error.msg})") from None
-            ok = (
-                isinstance(row, dict) and isinstance(row.get("context"), str) and row["context"]
-                and isinstance(row.get("choices"), list) and len(row["choices"]) >= 2
-                and all(isinstance(choice, str) and choice for choice in row["choices"])
-                and isinstance(row.get("gold"), int) and 0 <= row["gold"] < len(row["choices"])
+    for number, row in read_jsonl(path):
+        ok = (
+            isinstance(row, dict) and isinstance(row.get("context"), str) and row["context"]
+            and isinstance(row.get("choices"), list) and len(row["choices"]) >= 2
+            and all(isinstance(choice, str) and choice for choice in row["choices"])
+            and isinstance(row.get("gold"), int) and 0 <= row["gold"] < len(row["choices"])
+        )
+        if not ok:
+            raise DataError(
+                f"{path} line {number}: expected {{\"context\": non-empty str, \"choices\": [>= 2 non-empty str], "
+                f"\"gold\": index of the right choice}}, got {json.dumps(row)[:120]}"
             )
-            if not ok:
-                raise DataError(
-                    f"{path} line {number}: expected {{\"context\": non-empty str, \"choices\": [>= 2 non-empty str], "
-                    f"\"gold\": index of the right choice}}, got {line.strip()[:120]}"
-                )
-            items.append(row)
+        items.append(row)
     if not items:
         raise DataError(f"{path} holds no multiple-choice rows")
     return items

@@ -25,7 +25,7 @@ import torch
 
 from .coprocessor import AugmentedLM
 from .corpus import gsm8k_document
-from .data import DataError
+from .data import DataError, read_jsonl
 from .evaluate import context_state, encode, generate_until
 
 EXEMPLAR_SEPARATOR = "\n\n"
@@ -80,17 +80,10 @@ def gold_answer(answer: str) -> float:
 def read_gsm8k(path) -> list[dict]:
     """Rows ``{"question": str, "answer": str}`` of a GSM8K JSONL file."""
     rows = []
-    with open(path, encoding="utf-8") as handle:
-        for number, line in enumerate(handle, 1):
-            if not line.strip():
-                continue
-            try:
-                row = json.loads(line)
-            except json.JSONDecodeError as error:
-                raise DataError(f"{path} line {number}: not valid JSON ({error.msg})") from None
-            if not (isinstance(row, dict) and all(isinstance(row.get(key), str) for key in ("question", "answer"))):
-                raise DataError(f"{path} line {number}: expected {{\"question\": str, \"answer\": str}}")
-            rows.append(row)
+    for number, row in read_jsonl(path):
+        if not (isinstance(row, dict) and all(isinstance(row.get(key), str) for key in ("question", "answer"))):
+            raise DataError(f"{path} line {number}: expected {{\"question\": str, \"answer\": str}}")
+        rows.append(row)
     if not rows:
         raise DataError(f"{path} holds no GSM8K rows")
     return rows
