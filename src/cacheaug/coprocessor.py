@@ -204,7 +204,7 @@ class AugmentedLM(nn.Module):
             prefix = self.prefill(input_ids, cache).cache
         else:
             prefix = kv.copy_cache(cache)
-        batch = kv.cache_tensors(prefix)[0][0].shape[0]
+        batch = kv.cache_batch_size(prefix)
         start = kv.cache_length(prefix)
         positions = self._positions(batch, start, self.config.num_latents)
         latents = self.coprocessor(kv.first_layers(prefix, self.num_coprocessor_layers), positions)
