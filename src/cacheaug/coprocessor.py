@@ -16,7 +16,7 @@ from torch import nn
 
 from . import cache as kv
 from .config import CoprocessorConfig
-from .masks import block_attention_mask, group_layout
+from .masks import block_attention_for, block_attention_mask, group_layout
 
 
 @dataclass
@@ -123,6 +123,7 @@ class Coprocessor(nn.Module):
         position_ids: torch.Tensor,
         attention_mask: torch.Tensor | dict | None = None,
         repeats: int = 1,
+        **attention_kwargs,
     ) -> torch.Tensor:
         """Latents (B, repeats*N_L, H) for soft tokens at ``position_ids`` (B, repeats*N_L) against ``past``.
 
@@ -133,7 +134,12 @@ class Coprocessor(nn.Module):
         if self.stack is None:  # pause tokens: the embeddings themselves are the latents
             return soft
         out = self.stack(
-            inputs_embeds=soft, cache=past, position_ids=position_ids, attention_mask=attention_mask, use_cache=True
+            inputs_embeds=soft,
+            cache=past,
+            position_ids=position_ids,
+            attention_mask=attention_mask,
+            use_cache=True,
+            **attention_kwargs,
         )
         if self.latent_scale is None:
             return out.last_hidden_state
@@ -323,9 +329,14 @@ class AugmentedLM(nn.Module):
         soft_layout = group_layout(points, num_latents)
         stack = self.coprocessor.stack
         soft_mask = None if stack is None else block_attention_mask(stack.config, soft_layout, length, dtype)
-        latents = self.coprocessor(
-            kv.first_layers(prefix, self.num_coprocessor_layers), soft_layout.position_ids, soft_mask, num_points
-        )  # (B, P*N_L, H)
+        with block_attention_for(stack):
+            latents = self.coprocessor(
+                kv.first_layers(prefix, self.num_coprocessor_layers),
+                soft_layout.position_ids,
+                soft_mask,
+                num_points,
+                cacheaug_group_size=num_latents,
+            )  # (B, P*N_L, H)
 
         # 3. Base: P groups of [N_L latents ; x_{t+1..t+N_A-1}], each seeing prefix 0..t_p and itself.
         group_size = num_latents + num_ahead - 1
@@ -343,14 +354,16 @@ class AugmentedLM(nn.Module):
             - 1
             + torch.arange(num_ahead, device=self.device)
         ).flatten()
-        out = self.base(
-            inputs_embeds=group_embeds.flatten(1, 2),
-            cache=kv.copy_cache(prefix),
-            position_ids=base_layout.position_ids,
-            attention_mask=base_mask,
-            use_cache=True,
-            logits_to_keep=scored,
-        )
+        with block_attention_for(self.base):
+            out = self.base(
+                inputs_embeds=group_embeds.flatten(1, 2),
+                cache=kv.copy_cache(prefix),
+                position_ids=base_layout.position_ids,
+                attention_mask=base_mask,
+                use_cache=True,
+                logits_to_keep=scored,
+                cacheaug_group_size=group_size,
+            )
         logits = out.logits.view(batch, num_points, num_ahead, -1)
         targets = tokens.masked_fill(~in_sequence, -100)
         nll = F.cross_entropy(logits.flatten(0, 2).float(), targets.flatten(), reduction="none", ignore_index=-100)

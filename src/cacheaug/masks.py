@@ -100,3 +100,74 @@ def block_attention_mask(
     if len(masks) != len(kinds):
         raise NotImplementedError("layers of one kind with different sliding windows are not supported")
     return masks
+
+
+# ---------------------------------------------------------------------------- block-sparse attention
+BLOCK_ATTENTION = "cacheaug_block"
+
+
+def block_attention(module, query, key, value, attention_mask, scaling=None, dropout=0.0, softcap=None, **kwargs):
+    """Attention of P groups of G new queries over [T prefix keys ; the Q=P*G new keys], skipping what
+    the block mask hides anyway: a group never sees another group's keys, so only the Q x T prefix scores
+    and P diagonal G x G blocks are computed (a dense kernel computes Q x (T+Q)).
+
+    query (B, H, Q, D); key/value (B, H_kv, T+Q, D); attention_mask (B, 1, Q, T+Q) additive, from
+    block_attention_mask. Returns (B, Q, H, D) like transformers' attention functions.
+    """
+    group_size = kwargs["cacheaug_group_size"]
+    batch, heads, queries, dim = query.shape
+    prefix = key.shape[2] - queries
+    groups = queries // group_size
+    if key.shape[1] != heads:  # grouped-query attention: share each kv head across its query heads
+        key = key.repeat_interleave(heads // key.shape[1], dim=1)
+        value = value.repeat_interleave(heads // value.shape[1], dim=1)
+    scaling = dim**-0.5 if scaling is None else scaling
+
+    prefix_scores = torch.matmul(query, key[:, :, :prefix].transpose(-1, -2)) * scaling  # (B, H, Q, T)
+    local_query = query.view(batch, heads, groups, group_size, dim)
+    local_key = key[:, :, prefix:].reshape(batch, heads, groups, group_size, dim)
+    local_scores = torch.matmul(local_query, local_key.transpose(-1, -2)) * scaling  # (B, H, P, G, G)
+    if softcap is not None:
+        prefix_scores = torch.tanh(prefix_scores / softcap) * softcap
+        local_scores = torch.tanh(local_scores / softcap) * softcap
+    new_mask = attention_mask[:, :, :, prefix:].reshape(batch, 1, groups, group_size, groups, group_size)
+    local_mask = torch.diagonal(new_mask, dim1=2, dim2=4).permute(0, 1, 4, 2, 3)  # (B, 1, P, G, G)
+    scores = torch.cat(
+        [
+            (prefix_scores + attention_mask[:, :, :, :prefix]).view(batch, heads, groups, group_size, prefix),
+            local_scores + local_mask,
+        ],
+        dim=-1,
+    )  # (B, H, P, G, T+G)
+    probs = torch.softmax(scores.float(), dim=-1).to(query.dtype)
+    probs = torch.nn.functional.dropout(probs, p=dropout, training=module.training)
+    out = torch.matmul(probs[..., :prefix].reshape(batch, heads, queries, prefix), value[:, :, :prefix])
+    local_value = value[:, :, prefix:].reshape(batch, heads, groups, group_size, dim)
+    out = out + torch.matmul(probs[..., prefix:], local_value).view(batch, heads, queries, dim)
+    return out.transpose(1, 2).contiguous(), None
+
+
+def register_block_attention() -> None:
+    from transformers import AttentionInterface
+
+    AttentionInterface.register(BLOCK_ATTENTION, block_attention)
+
+
+class block_attention_for:
+    """Within the block, the given models' attention layers use block_attention (the masks must be the
+    block masks above, passed explicitly). Restores each config's implementation on exit."""
+
+    def __init__(self, *modules):
+        self.configs = [m.config for m in modules if m is not None]
+
+    def __enter__(self):
+        register_block_attention()
+        self.saved = [config._attn_implementation for config in self.configs]
+        for config in self.configs:
+            config._attn_implementation = BLOCK_ATTENTION
+        return self
+
+    def __exit__(self, *exc):
+        for config, implementation in zip(self.configs, self.saved):
+            config._attn_implementation = implementation
+        return False
