@@ -139,7 +139,8 @@ def block_attention(module, query, key, value, attention_mask, scaling=None, dro
         ],
         dim=-1,
     )  # (B, H, P, G, T+G)
-    probs = torch.softmax(scores.float(), dim=-1).to(query.dtype)
+    # softmax in at least fp32 (bf16 scores lose too much), never below the input precision
+    probs = torch.softmax(scores, dim=-1, dtype=torch.promote_types(scores.dtype, torch.float32)).to(query.dtype)
     probs = torch.nn.functional.dropout(probs, p=dropout, training=module.training)
     out = torch.matmul(probs[..., :prefix].reshape(batch, heads, queries, prefix), value[:, :, :prefix])
     local_value = value[:, :, prefix:].reshape(batch, heads, groups, group_size, dim)
