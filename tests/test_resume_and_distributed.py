@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -92,3 +93,22 @@ def test_two_processes_equal_one_process(tmp_path):
         for name, tensor in reference.items():
             torch.testing.assert_close(other[name], tensor, rtol=0, atol=1e-6)
     assert before.keys() == reference.keys()
+
+
+def test_fsdp_equals_one_process_and_resumes_exactly(tmp_path):
+    common = ["--train.max_steps", "4", "--train.eval_every", "0", "--train.save_every", "2", "--train.keep_last", "2"]
+    single = tmp_path / "single"
+    _run(_command(single, *common, "--train.batch_size", "2"))
+    sharded = tmp_path / "fsdp"
+    torchrun = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", "29519"]
+    fsdp = _command(sharded, *common, "--train.batch_size", "1", "--train.strategy", "fsdp")[1:]
+    _run(torchrun + fsdp)
+    reference, straight = _weights(single, 4), _weights(sharded, 4)
+    for name, tensor in reference.items():
+        torch.testing.assert_close(straight[name], tensor, rtol=0, atol=1e-6)
+    # lose the last checkpoint, as a hard kill after step 2 would, and resume from step 2 under FSDP
+    shutil.rmtree(sharded / "step-000004")
+    _run(torchrun + fsdp + ["--resume"])
+    resumed = _weights(sharded, 4)
+    for name in straight:
+        assert torch.equal(resumed[name], straight[name]), name

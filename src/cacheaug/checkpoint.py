@@ -128,12 +128,16 @@ def step_directory(output_dir: str | os.PathLike, step: int) -> Path:
     return Path(output_dir) / f"{STEP_PREFIX}{step:06d}"
 
 
-def save_training_checkpoint(lm, output_dir, step: int, trainer_state: dict, run_config: dict, keep_last: int) -> Path:
-    """``output_dir/step-NNNNNN/`` = adapter files + trainer_state.pt, written atomically; keep the last K."""
-    state = {name: t.detach().contiguous().cpu() for name, t in lm.trainable_state_dict().items()}
+def save_training_checkpoint(
+    weights: dict, config: CoprocessorConfig, output_dir, step: int, trainer_state: dict, run_config: dict, keep_last: int
+) -> Path:
+    """``output_dir/step-NNNNNN/`` = adapter files + trainer_state.pt, written atomically; keep the last K.
+
+    ``weights`` are the trainable tensors by name (whole tensors, gathered if they were sharded)."""
+    state = {name: t.detach().contiguous().cpu() for name, t in weights.items()}
     description = {
         "format_version": FORMAT_VERSION,
-        "coprocessor": lm.config.to_dict(),
+        "coprocessor": config.to_dict(),
         "trainable_parameters": int(sum(t.numel() for t in state.values())),
         "step": step,
         "run_config": run_config,

@@ -141,6 +141,7 @@ def identity_mismatches(saved: dict[str, Any], current: dict[str, Any]) -> list[
 
 
 PRECISIONS = ("fp32", "bf16")
+STRATEGIES = ("ddp", "fsdp")
 
 
 @dataclass
@@ -160,6 +161,7 @@ class TrainArgs:
     grad_clip: float = 1.0  # max global grad norm; 0 disables clipping
     seed: int = 0
     precision: str = "fp32"  # "bf16": autocast of the loss computation
+    strategy: str = "ddp"  # with several processes: "ddp" replicates the coprocessor, "fsdp" shards it
     log_every: int = 1
     eval_every: int = 50  # 0: only at the end
     eval_batches: int = 4
@@ -181,6 +183,8 @@ class TrainArgs:
                 raise ConfigError(f"{name} must be a non-negative number, got {value!r}")
         if not 0 < self.lr:
             raise ConfigError(f"lr must be > 0, got {self.lr!r}")
+        if self.strategy not in STRATEGIES:
+            raise ConfigError(f"strategy must be one of {STRATEGIES}, got {self.strategy!r}")
         if self.precision not in PRECISIONS:
             raise ConfigError(f"precision must be one of {PRECISIONS}, got {self.precision!r}")
         for name in ("resume", "overwrite"):

@@ -77,7 +77,8 @@ class Coprocessor(nn.Module):
         self.stack = None if config.method == "pause" else self._copy_stack(base, config)
         self.latent_scale = None
         if self.stack is not None and config.scale_latents:
-            self.latent_scale = nn.Parameter(torch.tensor(self._calibrated_scale(base), dtype=self.soft_tokens.dtype))
+            # shape (1,), not a scalar: FSDP shards parameters along their first dimension
+            self.latent_scale = nn.Parameter(torch.tensor([self._calibrated_scale(base)], dtype=self.soft_tokens.dtype))
 
     @torch.no_grad()
     def _calibrated_scale(self, base: nn.Module) -> float:

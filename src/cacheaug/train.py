@@ -69,8 +69,21 @@ class Runtime:
             dist.init_process_group(backend=backend)
         return cls(rank=dist.get_rank(), world_size=world_size, device=device)
 
-    def prepare(self, lm: AugmentedLM) -> torch.nn.Module:
+    def prepare(self, lm: AugmentedLM, strategy: str = "ddp") -> torch.nn.Module:
+        """DDP wraps the whole model; FSDP (fully_shard) shards each coprocessor layer and the soft tokens.
+
+        The frozen base is never sharded: every process keeps it whole, as it holds no gradients.
+        """
         if not self.distributed:
+            return lm
+        if strategy == "fsdp":
+            from torch.distributed.fsdp import fully_shard
+
+            stack = lm.coprocessor.stack
+            for name in ("layers", "h"):
+                for layer in getattr(stack, name, None) or []:
+                    fully_shard(layer)
+            fully_shard(lm.coprocessor)
             return lm
         from torch.nn.parallel import DistributedDataParallel
 
@@ -197,41 +210,47 @@ def train(config: RunConfig) -> TrainResult:
         max_val_batches=args.eval_batches,
     )
     data = data.shard(runtime.rank, runtime.world_size)
+
+    step, state = 0, None
+    if resume_from is not None:
+        ckpt.check_base_identity(ckpt.read_config(resume_from), base, resume_from)
+        state = ckpt.load_trainer_state(resume_from)
+        ckpt.load_trainable_weights(lm, resume_from / ckpt.WEIGHTS_NAME)  # full tensors: before sharding
+    sharded = runtime.distributed and args.strategy == "fsdp"
+    model = runtime.prepare(lm, args.strategy)
+    # After prepare: FSDP replaces the parameters by sharded ones, which the optimiser must hold.
     optimizer = torch.optim.AdamW(
         lm.trainable_parameters(),
         lr=args.lr,
         betas=(args.beta1, args.beta2),
         weight_decay=args.weight_decay,
-        fused=runtime.device.type in ("cpu", "cuda"),
+        fused=runtime.device.type in ("cpu", "cuda") and not sharded,
     )
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_lambda(args))
-
-    step = 0
-    if resume_from is not None:
-        ckpt.check_base_identity(ckpt.read_config(resume_from), base, resume_from)
-        state = ckpt.load_trainer_state(resume_from)
-        ckpt.load_trainable_weights(lm, resume_from / ckpt.WEIGHTS_NAME)
-        optimizer.load_state_dict(state["optimizer"])
+    if state is not None:
+        _load_optimizer_state(lm, optimizer, state["optimizer"], sharded)
         scheduler.load_state_dict(state["scheduler"])
         data.load_state_dict(state["data"])
         _set_rng_state(state["rng"])
         step = state["step"]
         if runtime.is_main:
             print(f"resumed from {resume_from} at step {step}", flush=True)
-    model = runtime.prepare(lm)
     metrics = MetricsLog(out / METRICS_NAME, step if resume_from is not None else None, runtime.is_main)
     run_dict = config.to_dict()
 
     def save(at_step: int) -> None:
+        # Gathering sharded tensors is collective: every process takes part, the main one writes.
+        weights = _full_tensors(lm.trainable_state_dict())
+        optimizer_state = _optimizer_state(optimizer, sharded)
         if runtime.is_main:
             trainer_state = {
                 "step": at_step,
-                "optimizer": optimizer.state_dict(),
+                "optimizer": optimizer_state,
                 "scheduler": scheduler.state_dict(),
                 "data": data.state_dict(),
                 "rng": _rng_state(),
             }
-            ckpt.save_training_checkpoint(lm, out, at_step, trainer_state, run_dict, args.keep_last)
+            ckpt.save_training_checkpoint(weights, lm.config, out, at_step, trainer_state, run_dict, args.keep_last)
         runtime.barrier()
 
     def evaluate(at_step: int) -> AheadEval:
@@ -262,14 +281,17 @@ def train(config: RunConfig) -> TrainResult:
                 if points is None:
                     points = step_points(lm, args.seed, step, rows_per_micro * args.grad_accum, batch.shape[1])
                 first = micro * rows_per_micro + runtime.rank * args.batch_size
-                sync = model.no_sync() if runtime.distributed and micro < args.grad_accum - 1 else nullcontext()
+                last_micro = micro == args.grad_accum - 1
+                if sharded:
+                    lm.coprocessor.set_requires_gradient_sync(last_micro)
+                sync = model.no_sync() if runtime.distributed and not sharded and not last_micro else nullcontext()
                 with sync, autocast:
                     micro_out = model(batch, points[first : first + args.batch_size])
                     (micro_out.loss / args.grad_accum).backward()
                 loss_sum += micro_out.loss.item() / args.grad_accum
                 tokens += batch.numel()
             grad_norm = (
-                torch.nn.utils.clip_grad_norm_(lm.trainable_parameters(), args.grad_clip).item()
+                _to_float(torch.nn.utils.clip_grad_norm_(lm.trainable_parameters(), args.grad_clip))
                 if args.grad_clip > 0
                 else float("nan")
             )
@@ -317,6 +339,40 @@ def train(config: RunConfig) -> TrainResult:
         print("\nAhead-token perplexity on validation, by offset after the latents:\n" + table, flush=True)
         plot_curves(out / METRICS_NAME, out / "curves.png")
     return TrainResult(out, step, final)
+
+
+def _to_float(value: torch.Tensor) -> float:
+    return float(value.full_tensor() if hasattr(value, "full_tensor") else value)
+
+
+def _full_tensors(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """Whole tensors of possibly sharded (DTensor) parameters; collective when sharded."""
+    return {name: t.full_tensor() if hasattr(t, "full_tensor") else t for name, t in state.items()}
+
+
+def _optimizer_state(optimizer, sharded: bool) -> dict:
+    """The optimiser's state dict with whole tensors, so one file resumes any number of processes."""
+    state = optimizer.state_dict()
+    if sharded:  # collective: every process gathers the same tensors in the same order
+        state["state"] = {index: _full_tensors(entry) for index, entry in state["state"].items()}
+    return state
+
+
+def _load_optimizer_state(lm: AugmentedLM, optimizer, state: dict, sharded: bool) -> None:
+    if sharded:  # cut whole moments into the shards of the parameters they belong to
+        from torch.distributed.tensor import distribute_tensor
+
+        parameters = lm.trainable_parameters()  # the optimiser's parameter order
+        state["state"] = {
+            index: {
+                key: distribute_tensor(value, parameters[index].device_mesh, parameters[index].placements)
+                if key != "step" and value.shape == parameters[index].shape
+                else value
+                for key, value in entry.items()
+            }
+            for index, entry in state["state"].items()
+        }
+    optimizer.load_state_dict(state)
 
 
 def _progress(runtime: Runtime, total: int, initial: int):
