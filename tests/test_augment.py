@@ -158,6 +158,19 @@ def test_soft_tokens_start_at_the_embedding_scale():
     assert 0.5 * expected < lm.coprocessor.soft_tokens.std().item() < 2.0 * expected
 
 
+def test_scaled_latents_enter_at_the_embedding_scale():
+    from cacheaug.coprocessor import embedding_output_std
+
+    lm = _lm("llama", scale_latents=True)
+    assert lm.coprocessor.latent_scale.shape == (1,) and lm.coprocessor.latent_scale.requires_grad
+    with torch.no_grad():
+        raw = AugmentedLM(make_base("llama"), CoprocessorConfig(num_latents=4)).augment(_prompt()).latents
+        scaled = lm.augment(_prompt()).latents
+    expected = embedding_output_std(lm.base)
+    assert 0.3 * expected < scaled.std().item() < 3 * expected
+    assert _lm("llama").coprocessor.latent_scale is None and raw.shape == scaled.shape
+
+
 def test_sampling_is_seeded():
     lm = _lm("qwen3")
     prompt = _prompt()

@@ -92,8 +92,9 @@ def test_unaugmented_loss_scores_the_same_targets():
         dict(lora_rank=4),
         dict(num_latents=1, num_ahead=1),
         dict(method="pause"),
+        dict(scale_latents=True),
     ],
-    ids=["first-layer", "pre-norm", "scratch", "lora", "one-latent-one-ahead", "pause-tokens"],
+    ids=["first-layer", "pre-norm", "scratch", "lora", "one-latent-one-ahead", "pause-tokens", "scaled-latents"],
 )
 def test_variants_equal_reference(config):
     for arch in ("llama", "gemma3"):

@@ -39,8 +39,9 @@ class CoprocessorConfig:
     num_layers: int | None = None  # None: all of the base's layers; k: the first k layers
     latents_after_norm: bool = True  # latents taken after the coprocessor's final norm
     # Multiply latents by a trainable scalar, calibrated at construction so that they enter the base at the
-    # scale of its token embeddings (a copied stack's outputs are ~20x larger on SmolLM2).
-    scale_latents: bool = True
+    # scale of its token embeddings (a copied stack's outputs are ~20x larger on SmolLM2). Off by default:
+    # in short SmolLM2 runs the raw latents trained faster (results/quickstart/README.md).
+    scale_latents: bool = False
     # "pause": the pause-token baseline (Goyal et al., arXiv 2310.02226) -- the N_L trainable embeddings are
     # inserted into the base as they are, no coprocessor; trained and evaluated by the same code.
     method: str = "coprocessor"
