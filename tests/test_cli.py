@@ -43,11 +43,16 @@ def test_train_eval_generate_info(tmp_path, capsys):
     assert math.isfinite(evaluated["loss_augmented"]) and math.isfinite(evaluated["loss_base"])
     assert "offset" in capsys.readouterr().out
 
-    assert main(["generate", "--ckpt", str(checkpoint), "--prompt", "Question: Tom has 3", "--max-new-tokens", "6"]) == 0
-    augmented = capsys.readouterr().out
-    assert main(["generate", "--ckpt", str(checkpoint), "--prompt", "Question: Tom has 3", "--max-new-tokens", "6", "--no-augment"]) == 0
-    plain = capsys.readouterr().out
-    assert augmented.strip("\n") != "" or plain.strip("\n") != ""
+    from cacheaug import AugmentedLM, load_base
+
+    base, tokenizer = load_base("tiny-random")
+    lm = AugmentedLM.from_pretrained(checkpoint, base=base)
+    prompt = tokenizer("Question: Tom has 3", return_tensors="pt").input_ids
+    for flags, augment in (([], True), (["--no-augment"], False)):
+        assert main(["generate", "--ckpt", str(checkpoint), "--prompt", "Question: Tom has 3",
+                     "--max-new-tokens", "6", *flags]) == 0
+        tokens = lm.generate(prompt, 6, augment=augment, eos_token_id=tokenizer.eos_token_id)[0, prompt.shape[1]:]
+        assert capsys.readouterr().out == tokenizer.decode(tokens, skip_special_tokens=True) + "\n"
 
     assert main(["info", str(checkpoint)]) == 0
     info = capsys.readouterr().out

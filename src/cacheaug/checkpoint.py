@@ -46,21 +46,22 @@ def atomic_directory(target: str | os.PathLike, write) -> Path:
     return target
 
 
-def save_adapter(lm, directory: str | os.PathLike, extra: dict | None = None) -> Path:
-    """Write ``coprocessor.safetensors`` (trainable tensors only) and ``cacheaug_config.json``."""
-    state = {name: t.detach().contiguous().cpu() for name, t in lm.trainable_state_dict().items()}
+def _write_adapter(tmp: Path, weights: dict, config: CoprocessorConfig, extra: dict | None = None) -> None:
+    """``coprocessor.safetensors`` (the trainable tensors by name) and ``cacheaug_config.json`` into ``tmp``."""
+    state = {name: t.detach().contiguous().cpu() for name, t in weights.items()}
     description = {
         "format_version": FORMAT_VERSION,
-        "coprocessor": lm.config.to_dict(),
+        "coprocessor": config.to_dict(),
         "trainable_parameters": int(sum(t.numel() for t in state.values())),
         **(extra or {}),
     }
+    save_file(state, str(tmp / WEIGHTS_NAME), metadata={"format": "pt", "library": "cacheaug"})
+    (tmp / CONFIG_NAME).write_text(json.dumps(description, indent=2, sort_keys=True) + "\n")
 
-    def write(tmp: Path) -> None:
-        save_file(state, str(tmp / WEIGHTS_NAME), metadata={"format": "pt", "library": "cacheaug"})
-        (tmp / CONFIG_NAME).write_text(json.dumps(description, indent=2, sort_keys=True) + "\n")
 
-    return atomic_directory(directory, write)
+def save_adapter(lm, directory: str | os.PathLike, extra: dict | None = None) -> Path:
+    """Write ``coprocessor.safetensors`` (trainable tensors only) and ``cacheaug_config.json``, atomically."""
+    return atomic_directory(directory, lambda tmp: _write_adapter(tmp, lm.trainable_state_dict(), lm.config, extra))
 
 
 def read_config(directory: str | os.PathLike) -> CoprocessorConfig:
@@ -134,18 +135,9 @@ def save_training_checkpoint(
     """``output_dir/step-NNNNNN/`` = adapter files + trainer_state.pt, written atomically; keep the last K.
 
     ``weights`` are the trainable tensors by name (whole tensors, gathered if they were sharded)."""
-    state = {name: t.detach().contiguous().cpu() for name, t in weights.items()}
-    description = {
-        "format_version": FORMAT_VERSION,
-        "coprocessor": config.to_dict(),
-        "trainable_parameters": int(sum(t.numel() for t in state.values())),
-        "step": step,
-        "run_config": run_config,
-    }
 
     def write(tmp: Path) -> None:
-        save_file(state, str(tmp / WEIGHTS_NAME), metadata={"format": "pt", "library": "cacheaug"})
-        (tmp / CONFIG_NAME).write_text(json.dumps(description, indent=2, sort_keys=True) + "\n")
+        _write_adapter(tmp, weights, config, {"step": step, "run_config": run_config})
         # optimizer moments, scheduler, data position and RNG states: tensors and plain values only
         torch.save(trainer_state, tmp / TRAINER_STATE_NAME)
 

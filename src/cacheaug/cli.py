@@ -49,10 +49,9 @@ def cmd_train(args, extra: list[str]) -> int:
 
 
 def _load_checkpoint(path: str):
+    from .checkpoint import read_config
     from .coprocessor import AugmentedLM
     from .models import load_base
-
-    from .checkpoint import read_config
 
     config = read_config(path)
     base, tokenizer = load_base(config.base_model)

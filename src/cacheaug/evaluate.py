@@ -55,8 +55,8 @@ def evaluate_ahead(lm: AugmentedLM, batches: list[torch.Tensor], seed: int = EVA
     for batch in batches:
         batch = batch.to(lm.device)
         points = lm.sample_points(batch.shape[0], batch.shape[1], generator)
+        per_offset_count = _offset_counts(points, batch.shape[1], num_ahead)
         for key, out in (("aug", lm.training_loss(batch, points)), ("base", lm.unaugmented_loss(batch, points))):
-            per_offset_count = _offset_counts(points, batch.shape[1], num_ahead)
             sums[key] += out.nll_by_offset.cpu() * per_offset_count
         counts += per_offset_count
     lm.train(was_training)
