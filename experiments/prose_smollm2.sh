@@ -11,7 +11,8 @@
 #      train      = the other 129 texts (the README.nltk.txt files are left out).
 #   2. Trains four models with the SAME budget: STEPS optimiser steps x 1 sequence x 256 tokens
 #      (250 x 256 = 64,000 training tokens each), 8 augmentation points per sequence, N_A = 16:
-#        nl4, nl16, nl64  coprocessors (full copy of SmolLM2, pretrained init) with N_L = 4, 16, 64, lr 1e-4
+#        nl4, nl16, nl64  coprocessors (full copy of SmolLM2, pretrained init) with N_L = 4, 16, 64, lr 3e-4
+#                         (the rate that trained best in results/quickstart/)
 #        pause16          pause-token baseline, 16 trainable embeddings, no coprocessor, lr 1e-3
 #                         (configs/pause-smollm2.yaml says why the learning rate differs)
 #   3. Evaluates each on held-out text: perplexity of the k-th token (k = 1..32) after latents inserted
@@ -75,26 +76,26 @@ fi
 echo "splits: $(ls "$SPLITS/train" | wc -l) train, $(ls "$SPLITS/validation" | wc -l) validation, $(ls "$SPLITS/test" | wc -l) test files"
 
 # ---------------------------------------------------------------- 2. training, one budget for all
-# name  config                      N_L
-RUN_TABLE="nl4 configs/prose-smollm2.yaml 4
-nl16 configs/prose-smollm2.yaml 16
-nl64 configs/prose-smollm2.yaml 64
-pause16 configs/pause-smollm2.yaml 16"
+# name  config                      N_L  lr
+RUN_TABLE="nl4 configs/prose-smollm2.yaml 4 3e-4
+nl16 configs/prose-smollm2.yaml 16 3e-4
+nl64 configs/prose-smollm2.yaml 64 3e-4
+pause16 configs/pause-smollm2.yaml 16 1e-3"
 
 SAVE_EVERY=$(( STEPS / 2 > 0 ? STEPS / 2 : 1 ))
-while read -r name config latents; do
+while read -r name config latents lr; do
     if [ -f "$RUNS/$name/final_eval.json" ]; then continue; fi
     timed "train-$name" cacheaug train --config "$config" --resume \
         --train.output_dir "$RUNS/$name" \
         --data.source "$SPLITS/train" --data.validation_source "$SPLITS/validation" --data.seq_len 256 \
         --coprocessor.num_latents "$latents" --coprocessor.num_ahead 16 --coprocessor.num_points 8 \
-        --train.max_steps "$STEPS" --train.batch_size 1 --train.grad_accum 1 --train.warmup_steps 20 \
+        --train.max_steps "$STEPS" --train.lr "$lr" --train.batch_size 1 --train.grad_accum 1 --train.warmup_steps 20 \
         --train.eval_every 0 --train.eval_batches 4 --train.save_every "$SAVE_EVERY" --train.keep_last 1
 done <<< "$RUN_TABLE"
 
 # ---------------------------------------------------------------- 3. evaluation
 STEP_DIR=step-$(printf %06d "$STEPS")
-while read -r name config latents; do
+while read -r name config latents lr; do
     ckpt=$RUNS/$name/$STEP_DIR
     mkdir -p "$OUT/$name"
     cp "$RUNS/$name"/{run_config.json,final_eval.json,final_table.md,curves.png} "$OUT/$name/" 2>/dev/null || true
