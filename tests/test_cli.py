@@ -68,6 +68,21 @@ def test_shipped_configs_parse_and_name_their_command(path):
     assert yaml.safe_load(path.read_text())["model"] == config.model
 
 
+def test_exponent_without_dot_is_a_number(tmp_path):
+    # YAML 1.1 reads "3e-4" as a string; a float field takes it as 3e-4, a word is still refused.
+    from cacheaug.cli import parse_overrides
+    from cacheaug.config import ConfigError
+
+    config = load_run_config(TINY, parse_overrides(["--train.lr", "3e-4"]))
+    assert config.train.lr == 3e-4
+    path = tmp_path / "run.yaml"
+    path.write_text("train:\n  lr: 1e-3\n  grad_clip: 5e-1\n")
+    config = load_run_config(str(path))
+    assert (config.train.lr, config.train.grad_clip) == (1e-3, 0.5)
+    with pytest.raises(ConfigError, match="lr must be a non-negative number, got 'fast'"):
+        load_run_config(TINY, {"train.lr": "fast"})
+
+
 def _one_line_error(capsys, *words: str) -> str:
     err = capsys.readouterr().err.strip()
     assert "\n" not in err and "Traceback" not in err, err

@@ -106,16 +106,16 @@ def test_accuracy_bookkeeping_with_canned_generations(monkeypatch):
     }
     calls = []
 
-    def fake_generate(lm_, tokenizer_, state, max_new_tokens, stop):
-        index = len(calls) // 2
-        augment = state.latents is not None
-        calls.append((index, augment))
-        return canned[(index, augment)]
+    def fake_generate(lm_, tokenizer_, contexts, augment, cache, max_new_tokens, stop, async_delay):
+        assert cache is not None  # both prompts continue the shared exemplar cache
+        calls.append((len(contexts), augment))
+        return [canned[(index, augment)] for index in range(len(contexts))]
 
-    monkeypatch.setattr(gsm8k, "generate_until", fake_generate)
+    monkeypatch.setattr(gsm8k, "generate_batch", fake_generate)
     streamed = []
     result, records = evaluate_gsm8k(lm, tokenizer, TEST, choose_exemplars(TRAIN, 2), on_record=streamed.append)
-    assert calls == [(0, True), (0, False), (1, True), (1, False)] and streamed == records
+    assert calls == [(2, True), (2, False)] and streamed == records
+    assert [(r["index"], r["augmented"]) for r in records] == [(0, True), (0, False), (1, True), (1, False)]
     assert result.accuracy_augmented == 1.0 and result.accuracy_base == 0.0
     assert result.strict_accuracy_augmented == 1.0 and result.strict_accuracy_base == 0.0
     assert [r["extracted"] for r in records] == [13, 12, 1234, 5]
@@ -137,6 +137,68 @@ def test_generation_stops_at_stop_sequences_and_eos():
     assert state.next_position == start + 2
     base.lm_head = _biased_head(base.lm_head, tokenizer.eos_token_id, 100.0)
     assert generate_until(lm, tokenizer, context_state(lm, prompt, False), 20) == ""
+
+
+def _byte_vocab_base(arch: str):
+    """A tiny random ``arch`` model over the byte tokenizer's 257 ids (256 = eos)."""
+    from transformers import AutoModelForCausalLM
+
+    from conftest import _configs
+
+    config = _configs()[arch]
+    config.vocab_size, config.eos_token_id = 257, 256
+    torch.manual_seed(0)
+    return AutoModelForCausalLM.from_config(config).eval()
+
+
+@pytest.mark.parametrize("arch", ["llama", "gpt2", "qwen3", "gemma3", "mistral"])
+@torch.no_grad()
+def test_batched_generation_equals_one_by_one(arch):
+    # Padded rows of different lengths on the shared exemplar cache give the texts and logits of each prompt
+    # decoded alone: plain, augmented, and with the latents delayed by 2 tokens (as the async Generation).
+    from cacheaug.evaluate import cut_at_stop, generate_until_batch, padded_batches_are_exact, padded_context_states
+    from cacheaug.generate import generate_text
+    from cacheaug.models import byte_tokenizer
+
+    tokenizer = byte_tokenizer()
+    lm = AugmentedLM(_byte_vocab_base(arch), CoprocessorConfig(num_latents=3, num_ahead=3)).eval()
+    for parameter in lm.coprocessor.parameters():  # a coprocessor that is not the base's copy
+        parameter.add_(0.05 * torch.randn_like(parameter))
+    exact = padded_batches_are_exact(lm.base.config)
+    assert exact == (arch in ("llama", "gpt2", "qwen3"))
+    prefix = encode(tokenizer, "Question: shared exemplars.\n\n")
+    shared = lm.prefill(torch.tensor([prefix])).cache
+    contexts = [encode(tokenizer, text) for text in ("Q: a?", "Question: a longer one here?", "Q?", "Question: mid")]
+    batches = [contexts] if exact else [[context] for context in contexts]
+    alone = [generate_until(lm, tokenizer, context_state(lm, ids, False, shared), 14) for ids in contexts]
+    # a stop string the rows reach at different steps (or never), so finished rows leave the batch mid-way
+    candidates = sorted({char for text in alone for char in text if char != "\ufffd"})
+    stop = next([char] for char in candidates if len({len(cut_at_stop(text, [char])) for text in alone}) > 1)
+    for augment, delay in ((False, None), (True, None), (True, 2)):
+        got = []
+        for batch in batches:
+            state = padded_context_states(lm, batch, augment, shared, delay=delay)
+            if delay is None:
+                for row, ids in enumerate(batch):
+                    single = context_state(lm, ids, augment, shared)
+                    assert int(state.next_position[row]) == single.next_position
+                    torch.testing.assert_close(state.logits[row], single.logits[0], rtol=1e-4, atol=1e-5)
+            got += generate_until_batch(lm, tokenizer, state, 14, stop)
+        if delay is None:
+            expected = [generate_until(lm, tokenizer, context_state(lm, ids, augment, shared), 14, stop) for ids in contexts]
+        else:
+            from cacheaug.coprocessor import AugmentedCache
+
+            expected = []
+            for ids in contexts:
+                context = AugmentedCache(shared, len(prefix), torch.zeros(1, 257))
+                expected.append(generate_text(
+                    lm, torch.tensor([ids]), 14, augment="async", async_delay_tokens=delay, stop=stop,
+                    tokenizer=tokenizer, context=context,
+                ).text)
+        assert got == expected, (augment, delay)
+        if not augment:
+            assert got == [cut_at_stop(text, stop) for text in alone]
 
 
 def _biased_head(head, token: int, bias: float = 30.0):
@@ -180,9 +242,18 @@ def test_cli_gsm8k_end_to_end(checkpoint, tmp_path, capsys):
     first = json.loads((out / "gsm8k-0shot-cot.jsonl").read_text().splitlines()[0])
     assert first["prompt"].endswith(COT_TRIGGER)
 
+    assert main(["eval", "gsm8k", "--ckpt", str(checkpoint), "--data", str(test), "--shots", "2", "--batch-size", "1",
+                 "--async-delay", "2", "--max-new-tokens", "5", "--conditions", "augmented", "--out", str(out)]) == 0
+    delayed = json.loads((out / "gsm8k-2shot-async2.json").read_text())
+    assert delayed["settings"]["async_delay"] == 2 and delayed["settings"]["batch_size"] == 1
+    assert all(json.loads(line)["async_delay"] == 2 for line in (out / "gsm8k-2shot-async2.jsonl").open())
+
     assert main(["eval", "gsm8k", "--ckpt", str(checkpoint), "--data", str(test), "--shots", "9",
                  "--out", str(out)]) == 2
     assert "9 shots" in capsys.readouterr().err
+    assert main(["eval", "gsm8k", "--ckpt", str(checkpoint), "--data", str(test), "--async-delay", "2",
+                 "--conditions", "base", "--out", str(out)]) == 2
+    assert "--async-delay needs" in capsys.readouterr().err
 
 
 @pytest.mark.skipif(not (SHARED / "test.jsonl").is_file(), reason="shared data (gsm8k) not present")

@@ -23,6 +23,8 @@ __all__ = [
     "cache_from_tensors",
     "caches_equal",
     "cache_batch_size",
+    "repeat_batch",
+    "select_rows",
     "cache_state",
     "cache_from_state",
 ]
@@ -121,6 +123,33 @@ def cache_batch_size(cache: Cache) -> int:
         if layer.is_initialized and layer.keys is not None:
             return layer.keys.shape[0]
     raise ValueError("the cache is empty: no layer holds keys yet")
+
+
+def _map_rows(cache: Cache, rows) -> DynamicCache:
+    """A copy whose layers hold ``rows(keys)`` / ``rows(values)``; sliding layers are refused (their windows
+    would need the same treatment as a padded batch's masks, which cacheaug does not do)."""
+    duplicate = copy_cache(cache)
+    for layer in duplicate.layers:
+        if isinstance(layer, DynamicSlidingWindowLayer):
+            raise TypeError("cannot regroup the rows of a cache with sliding-window layers")
+        if layer.is_initialized and layer.keys is not None and layer.keys.numel():
+            layer.keys, layer.values = rows(layer.keys), rows(layer.values)
+    return duplicate
+
+
+def repeat_batch(cache: Cache, batch: int) -> DynamicCache:
+    """A copy of a one-row cache with ``batch`` identical rows: (1, H, T, D) -> (batch, H, T, D) per layer.
+
+    The rows are expanded views (no memory); the next update's ``torch.cat`` materialises them.
+    """
+    if cache_batch_size(cache) != 1:
+        raise ValueError(f"repeat_batch needs a one-row cache, got {cache_batch_size(cache)} rows")
+    return _map_rows(cache, lambda tensor: tensor.expand(batch, -1, -1, -1))
+
+
+def select_rows(cache: Cache, rows: torch.Tensor) -> DynamicCache:
+    """A copy holding only the batch rows ``rows`` (1D index tensor), in that order."""
+    return _map_rows(cache, lambda tensor: tensor.index_select(0, rows.to(tensor.device)))
 
 
 def _layer_kind(layer) -> str:

@@ -236,6 +236,7 @@ class RunConfig:
                     raise ConfigError(
                         f"unknown config key(s) {[f'{key}.{b}' for b in bad]}; known {key} keys: {sorted(fields)}"
                     )
+                value = _floats_from_strings(section, value)
                 try:
                     values[key] = section(**value)
                 except TypeError as error:
@@ -243,6 +244,19 @@ class RunConfig:
             else:
                 values[key] = value
         return cls(**values)
+
+
+def _floats_from_strings(section: type, value: dict[str, Any]) -> dict[str, Any]:
+    """YAML 1.1 reads `3e-4` (no dot) as a string; for float fields read it as the number it spells."""
+    float_fields = {f.name for f in dataclasses.fields(section) if f.type in (float, "float")}
+    converted = dict(value)
+    for name, item in value.items():
+        if name in float_fields and isinstance(item, str):
+            try:
+                converted[name] = float(item)
+            except ValueError:
+                pass  # left as is: __post_init__ names the field and the bad value
+    return converted
 
 
 def set_dotted(tree: dict[str, Any], dotted_key: str, value: Any) -> None:

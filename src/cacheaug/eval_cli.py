@@ -93,11 +93,16 @@ def run_perplexity(
 def run_gsm8k(
     ckpt, data: str, out, shots: int = 8, train_file: str | None = None, cot: bool = False, limit: int | None = None,
     exemplar_seed: int | None = None, max_new_tokens: int = 256, conditions=(True, False), model=None,
+    batch_size: int = 8, async_delay: int | None = None,
 ) -> Path:
     """GSM8K accuracy: gsm8k-<shots>shot[-cot].json (summary) and .jsonl (every item) in ``out``."""
     from .data import DataError
     from .gsm8k import choose_exemplars, evaluate_gsm8k, read_gsm8k, write_records
 
+    if batch_size < 1:
+        raise DataError(f"--batch-size must be >= 1, got {batch_size}")
+    if async_delay is not None and (async_delay < 0 or True not in conditions):
+        raise DataError(f"--async-delay needs a value >= 0 and the augmented condition, got {async_delay}")
     rows = read_gsm8k(data)[:limit] if limit else read_gsm8k(data)
     exemplars = []
     if shots:
@@ -106,17 +111,18 @@ def run_gsm8k(
             raise DataError(f"{shots}-shot prompts need exemplars: no training file {train_file} (pass --train-file)")
         exemplars = choose_exemplars(read_gsm8k(train_file), shots, exemplar_seed)
     lm, tokenizer = _model(ckpt, model)
-    name = f"gsm8k-{shots}shot" + ("-cot" if cot else "")
+    name = f"gsm8k-{shots}shot" + ("-cot" if cot else "") + (f"-async{async_delay}" if async_delay is not None else "")
     out = Path(out)
     started = time.perf_counter()
     result, _ = evaluate_gsm8k(
         lm, tokenizer, rows, exemplars, cot=cot, conditions=tuple(conditions), max_new_tokens=max_new_tokens,
-        on_record=write_records(out / f"{name}.jsonl"), progress=True,
+        on_record=write_records(out / f"{name}.jsonl"), progress=True, batch_size=batch_size, async_delay=async_delay,
     )
     _write_json(out / f"{name}.json", {
         "kind": "gsm8k", "name": name, "run": run_meta(lm, ckpt, conditions),
         "settings": {"data": data, "train_file": train_file, "shots": shots, "cot": cot, "limit": limit,
-                     "exemplar_seed": exemplar_seed, "max_new_tokens": max_new_tokens},
+                     "exemplar_seed": exemplar_seed, "max_new_tokens": max_new_tokens, "batch_size": batch_size,
+                     "async_delay": async_delay},
         "result": result.to_dict(), "seconds": time.perf_counter() - started,
     })
     print(result.table())
@@ -199,6 +205,9 @@ def add_eval_tasks(evaluate: argparse.ArgumentParser) -> None:
     gsm8k.add_argument("--limit", type=int, help="the first N test items")
     gsm8k.add_argument("--max-new-tokens", type=int, default=256)
     gsm8k.add_argument("--conditions", choices=sorted(CONDITIONS), default="both")
+    gsm8k.add_argument("--batch-size", type=int, default=8, help="items decoded together (same texts as one by one)")
+    gsm8k.add_argument("--async-delay", type=int, metavar="N",
+                       help="insert the latents after N generated tokens, as an asynchronous coprocessor would")
 
     mc = task("mc", 'multiple choice by log-likelihood; JSONL rows {"context", "choices", "gold"}', cmd_mc)
     mc.add_argument("--data", required=True)
@@ -233,7 +242,7 @@ def cmd_perplexity(args, extra) -> int:
 def cmd_gsm8k(args, extra) -> int:
     run_gsm8k(args.ckpt, args.data, args.out, shots=args.shots, train_file=args.train_file, cot=args.cot,
               limit=args.limit, exemplar_seed=args.exemplar_seed, max_new_tokens=args.max_new_tokens,
-              conditions=CONDITIONS[args.conditions])
+              conditions=CONDITIONS[args.conditions], batch_size=args.batch_size, async_delay=args.async_delay)
     return 0
 
 

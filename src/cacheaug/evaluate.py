@@ -298,6 +298,131 @@ def generate_until(
     return cut_at_stop(tokenizer.decode(tokens, skip_special_tokens=True), stop)
 
 
+# ---------------------------------------------------------------------------- batched generation
+@dataclass
+class PaddedState:
+    """Rows of different lengths decoding in step. Each row's cache slots are: the shared context, its own
+    ids, padding up to the longest row (masked out for good), then latents and generated tokens."""
+
+    cache: object  # DynamicCache, (B, H_kv, S, D) per layer
+    attention_mask: torch.Tensor  # (B, S) long: 1 for a real slot, 0 for padding
+    next_position: torch.Tensor  # (B,) position id of each row's next token (padding takes no positions)
+    logits: torch.Tensor  # (B, V) base logits predicting each row's next token
+    pending: torch.Tensor | None = None  # (B, N_L, H) latents still to insert, after ``pending_after`` tokens
+    pending_after: int = 0
+
+    def select(self, rows: torch.Tensor) -> "PaddedState":
+        """The rows ``rows`` (1D index), in that order: finished rows leave the batch."""
+        pending = None if self.pending is None else self.pending[rows]
+        return PaddedState(
+            kv.select_rows(self.cache, rows), self.attention_mask[rows], self.next_position[rows], self.logits[rows],
+            pending, self.pending_after,
+        )
+
+    def step(self, lm: AugmentedLM, tokens: torch.Tensor | None = None, embeds: torch.Tensor | None = None):
+        """Append ``tokens`` (B, n) or ``embeds`` (B, n, H) to every row, in place; logits follow the last one."""
+        batch, width = (tokens if tokens is not None else embeds).shape[:2]
+        positions = self.next_position[:, None] + torch.arange(width, device=lm.device)  # (B, n)
+        mask = torch.cat([self.attention_mask, self.attention_mask.new_ones(batch, width)], dim=1)
+        out = lm.base(
+            input_ids=tokens, inputs_embeds=embeds, cache=self.cache, position_ids=positions, attention_mask=mask,
+            use_cache=True, logits_to_keep=1,
+        )
+        self.attention_mask, self.next_position, self.logits = mask, self.next_position + width, out.logits[:, -1]
+
+
+def padded_batches_are_exact(config) -> bool:
+    """Whether rows padded to a common length decode exactly as alone: not when a layer has a sliding window,
+    whose size counts cache slots, padding included."""
+    from .masks import FULL, attention_layer_kinds
+
+    return all(kind == FULL for kind, _ in attention_layer_kinds(config))
+
+
+@torch.no_grad()
+def padded_context_states(
+    lm: AugmentedLM, contexts: list[list[int]], augment: bool, cache=None, delay: int | None = None
+) -> PaddedState:
+    """``context_state`` for many contexts in one batch: each read onto (a copy of) the one-row ``cache`` when
+    given, padded on the right to the longest, and, if ``augment``, followed by its own N_L latents.
+
+    ``delay`` = N (with ``augment``): the latents are computed now but held in ``state.pending``, and
+    ``generate_until_batch`` inserts them after N generated tokens (the paper's asynchronous protocol, Table 8;
+    as ``generate.Generation`` with ``async_delay_tokens``).
+    """
+    if delay is not None and (not augment or delay < 0):
+        raise ValueError(f"delay needs augment=True and a value >= 0, got {delay}")
+    if not contexts or any(not ids for ids in contexts):
+        raise ValueError("every context must hold at least one token")
+    batch, device = len(contexts), lm.device
+    lengths = torch.tensor([len(ids) for ids in contexts], device=device)  # (B,)
+    width = int(lengths.max())
+    ids = torch.tensor([ids + [ids[-1]] * (width - len(ids)) for ids in contexts], device=device)  # (B, W)
+    if cache is None:
+        past = kv.new_cache(lm.base.config)
+    else:  # one row needs no regrouping, which keeps sliding-window caches usable
+        past = kv.copy_cache(cache) if batch == 1 else kv.repeat_batch(cache, batch)
+    start = 0 if cache is None else kv.cache_length(past)
+    real = (torch.arange(width, device=device) < lengths[:, None]).long()  # (B, W)
+    mask = torch.cat([real.new_ones(batch, start), real], dim=1)  # (B, start + W)
+    last = lengths - 1
+    keep = torch.unique(last)  # sorted columns whose logits some row needs
+    out = lm.base(
+        input_ids=ids, cache=past, position_ids=start + torch.arange(width, device=device).expand(batch, -1),
+        attention_mask=mask, use_cache=True, logits_to_keep=keep,
+    )
+    logits = out.logits[torch.arange(batch, device=device), torch.searchsorted(keep, last)]  # (B, V)
+    state = PaddedState(past, mask, start + lengths, logits)
+    if augment:
+        num_latents = lm.config.num_latents
+        positions = state.next_position[:, None] + torch.arange(num_latents, device=device)  # (B, N_L)
+        soft_mask = torch.cat([mask, mask.new_ones(batch, num_latents)], dim=1)
+        latents = lm.coprocessor(kv.first_layers(past, lm.num_coprocessor_layers), positions, attention_mask=soft_mask)
+        if delay is None:
+            state.step(lm, embeds=latents)
+        else:
+            state.pending, state.pending_after = latents, delay
+    return state
+
+
+@torch.no_grad()
+def generate_until_batch(
+    lm: AugmentedLM,
+    tokenizer,
+    state: PaddedState,
+    max_new_tokens: int,
+    stop: tuple[str, ...] | list[str] = (),
+) -> list[str]:
+    """``generate_until`` for every row of ``state`` at once (greedy, same stopping rules, same texts).
+
+    ``state`` is consumed. Rows that finish leave the batch, so a long answer does not keep the others' caches
+    growing. Latents pending in ``state`` go in before token ``state.pending_after`` is chosen.
+    """
+    eos = tokenizer.eos_token_id
+    tokens: list[list[int]] = [[] for _ in range(state.logits.shape[0])]
+    active = list(range(len(tokens)))  # original row of each row still in ``state``
+    for step in range(max_new_tokens):
+        if state.pending is not None and step == state.pending_after:
+            latents, state.pending = state.pending, None
+            state.step(lm, embeds=latents)
+        chosen = state.logits.argmax(dim=-1)  # (B_active,)
+        still = []
+        for slot, row in enumerate(active):
+            token = int(chosen[slot])
+            if token == eos:
+                continue
+            tokens[row].append(token)
+            if not any(sequence in tokenizer.decode(tokens[row], skip_special_tokens=True) for sequence in stop):
+                still.append(slot)
+        if not still or step == max_new_tokens - 1:
+            break
+        if len(still) < len(active):
+            keep = torch.tensor(still, device=lm.device)
+            state, chosen, active = state.select(keep), chosen[keep], [active[slot] for slot in still]
+        state.step(lm, tokens=chosen[:, None])
+    return [cut_at_stop(tokenizer.decode(row, skip_special_tokens=True), stop) for row in tokens]
+
+
 def cut_at_stop(text: str, stop) -> str:
     """``text`` before the earliest occurrence of any stop sequence."""
     cuts = [text.find(sequence) for sequence in stop if sequence and sequence in text]

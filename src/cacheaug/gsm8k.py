@@ -26,7 +26,7 @@ import torch
 from .coprocessor import AugmentedLM
 from .corpus import gsm8k_document
 from .data import DataError, read_jsonl
-from .evaluate import context_state, encode, generate_until
+from .evaluate import encode, generate_until_batch, padded_batches_are_exact, padded_context_states
 
 EXEMPLAR_SEPARATOR = "\n\n"
 COT_TRIGGER = "Let's think step by step."
@@ -162,6 +162,22 @@ class SharedPrefix:
         return prompt_ids, None
 
 
+def generate_batch(
+    lm: AugmentedLM,
+    tokenizer,
+    contexts: list[list[int]],
+    augment: bool,
+    cache,
+    max_new_tokens: int,
+    stop: tuple[str, ...],
+    async_delay: int | None = None,
+) -> list[str]:
+    """Greedy solutions for ``contexts`` (read onto ``cache`` when given), decoded together."""
+    delay = async_delay if augment else None
+    state = padded_context_states(lm, contexts, augment, cache, delay=delay)
+    return generate_until_batch(lm, tokenizer, state, max_new_tokens, stop)
+
+
 @torch.no_grad()
 def evaluate_gsm8k(
     lm: AugmentedLM,
@@ -174,38 +190,68 @@ def evaluate_gsm8k(
     stop: tuple[str, ...] = STOP_SEQUENCES,
     on_record: Callable[[dict], None] | None = None,
     progress: bool = False,
+    batch_size: int = 8,
+    async_delay: int | None = None,
 ) -> tuple[Gsm8kEval, list[dict]]:
     """Greedy-decode a solution for every row, augmented (latents once after the prompt) and/or not.
 
     Every (item, condition) gives a record: prompt, output, extracted answers, gold, correct; ``on_record``
-    sees each as soon as it exists (to stream it to disk).
+    sees each as soon as its batch is done (to stream it to disk). ``batch_size`` items decode together
+    (padded; the same texts as one by one, see evaluate.generate_until_batch); bases with sliding-window
+    layers decode one by one, as padding would shift their windows. ``async_delay`` = N: the latents go in
+    after N generated tokens instead of before the first (the paper's Table 8).
     """
+    if batch_size < 1:
+        raise ValueError(f"batch_size must be >= 1, got {batch_size}")
+    if async_delay is not None and async_delay < 0:
+        raise ValueError(f"async_delay must be >= 0, got {async_delay}")
+    if not padded_batches_are_exact(lm.base.config):
+        batch_size = 1
     was_training = lm.training
     lm.eval()
     prefix_text = exemplar_block(exemplars)
     shared = SharedPrefix(lm, tokenizer, prefix_text)
     records: list[dict] = []
-    iterator = list(enumerate(rows))
+    bar = None
     if progress:
         from tqdm.auto import tqdm
 
-        iterator = tqdm(iterator, desc="gsm8k", unit="item", dynamic_ncols=True)
-    for index, row in iterator:
-        prompt = prefix_text + question_prompt(row["question"], cot)
-        rest, cache = shared.split(encode(tokenizer, prompt))
-        gold = gold_answer(row["answer"])
+        bar = tqdm(total=len(rows), desc="gsm8k", unit="item", dynamic_ncols=True)
+    for begin in range(0, len(rows), batch_size):
+        indices = range(begin, min(begin + batch_size, len(rows)))
+        prompts = [prefix_text + question_prompt(rows[index]["question"], cot) for index in indices]
+        splits = [shared.split(encode(tokenizer, prompt)) for prompt in prompts]  # (ids to read, cache or None)
+        outputs: dict[bool, list[str]] = {}
         for augment in conditions:
-            state = context_state(lm, rest, augment, cache)
-            output = generate_until(lm, tokenizer, state, max_new_tokens, stop)
-            extracted, strict = extract_answer(output), extract_answer(output, strict=True)
-            record = {
-                "index": index, "augmented": augment, "prompt": prompt, "output": output, "extracted": extracted,
-                "extracted_strict": strict, "gold": gold, "correct": same_number(extracted, gold),
-                "correct_strict": same_number(strict, gold),
-            }
-            records.append(record)
-            if on_record is not None:
-                on_record(record)
+            outputs[augment] = [""] * len(splits)
+            for on_shared in (True, False):  # prompts read onto the exemplar cache, then any read in full
+                members = [j for j, (_, cache) in enumerate(splits) if (cache is not None) == on_shared]
+                if members:
+                    texts = generate_batch(
+                        lm, tokenizer, [splits[j][0] for j in members], augment,
+                        shared.cache if on_shared else None, max_new_tokens, stop, async_delay,
+                    )
+                    for j, text in zip(members, texts):
+                        outputs[augment][j] = text
+        for j, index in enumerate(indices):
+            gold = gold_answer(rows[index]["answer"])
+            for augment in conditions:
+                output = outputs[augment][j]
+                extracted, strict = extract_answer(output), extract_answer(output, strict=True)
+                record = {
+                    "index": index, "augmented": augment, "prompt": prompts[j], "output": output,
+                    "extracted": extracted, "extracted_strict": strict, "gold": gold,
+                    "correct": same_number(extracted, gold), "correct_strict": same_number(strict, gold),
+                }
+                if augment and async_delay is not None:
+                    record["async_delay"] = async_delay
+                records.append(record)
+                if on_record is not None:
+                    on_record(record)
+        if bar is not None:
+            bar.update(len(indices))
+    if bar is not None:
+        bar.close()
     lm.train(was_training)
     return summarize(records, len(rows), len(exemplars), cot), records
 
