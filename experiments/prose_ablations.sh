@@ -1,0 +1,67 @@
+#!/usr/bin/env bash
+# results/prose-smollm2/ablations/: why a CPU-sized budget gives no gain (issue 4), on the cheapest model of
+# experiments/prose_smollm2.sh (N_L = 4) and the same budget: 250 steps x 1 sequence x 256 tokens, 8 points,
+# N_A = 16, the same splits. One setting changes per run:
+#
+#   lr3e-5, lr1e-4, lr1e-3   learning rate (the main runs use 3e-4)
+#   lora64                   LoRA rank 64 on a frozen copy (the paper's ablation), lr 1e-3
+#   scaled                   latents multiplied by a trainable scale calibrated to the embedding std, lr 3e-4
+#
+# Each is evaluated by perplexity by position on the held-out prose test files (8192 tokens, latents every 16th
+# token, 32 offsets), like the main runs. About 10 minutes per setting on 2 CPU cores.
+#
+#   bash experiments/prose_ablations.sh          # after experiments/prose_smollm2.sh (it reuses its splits)
+set -euo pipefail
+cd "$(dirname "$0")/.."
+export HF_HUB_OFFLINE=1
+
+RUNS=${RUNS:-runs/prose-smollm2}
+OUT=${OUT:-results/prose-smollm2/ablations}
+STEPS=${STEPS:-250}
+PPL_TOKENS=${PPL_TOKENS:-8192}
+SPLITS=$RUNS/splits
+[ -d "$SPLITS/train" ] || { echo "run experiments/prose_smollm2.sh first (it makes $SPLITS)"; exit 2; }
+mkdir -p "$OUT/logs"
+TIMINGS=$OUT/timings.txt
+
+timed() {  # as in prose_smollm2.sh: log to $OUT/logs/NAME.log, record the time
+    local name=$1 start=$SECONDS statuses
+    shift
+    echo "== $name: $*" | tee -a "$TIMINGS"
+    set +e
+    "$@" < /dev/null 2>&1 | tee "$OUT/logs/$name.log" | grep -v -E 'it/s\]|s/it\]|item/s\]|batch/s\]|step/s\]'
+    statuses=("${PIPESTATUS[@]}")
+    set -e
+    echo "   $name: $((SECONDS - start)) s, exit ${statuses[0]}" | tee -a "$TIMINGS"
+    return "${statuses[0]}"
+}
+
+# name     overrides (on top of configs/prose-smollm2.yaml with N_L = 4)
+ABLATIONS="lr1e-4 --train.lr 1e-4
+lr1e-3 --train.lr 1e-3
+lora64 --train.lr 1e-3 --coprocessor.lora_rank 64
+scaled --train.lr 3e-4 --coprocessor.scale_latents true
+lr3e-5 --train.lr 3e-5"
+
+STEP_DIR=step-$(printf %06d "$STEPS")
+while read -r name overrides; do
+    run=$RUNS/ablation-$name
+    if [ ! -f "$run/final_eval.json" ]; then
+        # shellcheck disable=SC2086  # the overrides are words
+        timed "train-$name" cacheaug train --config configs/prose-smollm2.yaml --resume \
+            --train.output_dir "$run" \
+            --data.source "$SPLITS/train" --data.validation_source "$SPLITS/validation" --data.seq_len 256 \
+            --coprocessor.num_latents 4 --coprocessor.num_ahead 16 --coprocessor.num_points 8 \
+            --train.max_steps "$STEPS" --train.batch_size 1 --train.grad_accum 1 --train.warmup_steps 20 \
+            --train.eval_every 0 --train.eval_batches 4 --train.save_every "$STEPS" --train.keep_last 1 $overrides
+    fi
+    mkdir -p "$OUT/$name"
+    cp "$run"/{run_config.json,final_eval.json,final_table.md,curves.png} "$OUT/$name/" 2>/dev/null || true
+    [ -f "$OUT/$name/perplexity-prose-test.json" ] || timed "ppl-prose-$name" \
+        cacheaug eval perplexity --ckpt "$run/$STEP_DIR" --data "$SPLITS/test" --name prose-test \
+        --seq-len 256 --every 16 --offsets 32 --max-tokens "$PPL_TOKENS" --out "$OUT/$name"
+done <<< "$ABLATIONS"
+
+timed report cacheaug report results/prose-smollm2/nl4 "$OUT"/lr3e-5 "$OUT"/lr1e-4 "$OUT"/lr1e-3 "$OUT"/lora64 \
+    "$OUT"/scaled --out "$OUT"
+echo "done: $OUT/report.md"
