@@ -230,6 +230,9 @@ def test_cli_gsm8k_end_to_end(checkpoint, tmp_path, capsys):
                  "--max-new-tokens", "6", "--out", str(out)]) == 0
     summary = json.loads((out / "gsm8k-2shot.json").read_text())
     assert summary["kind"] == "gsm8k" and summary["result"]["num_items"] == 2 and summary["settings"]["shots"] == 2
+    made_by = summary["provenance"]
+    assert made_by["command"].startswith("cacheaug eval gsm8k --ckpt ") and "--shots 2" in made_by["command"]
+    assert len(made_by["git_commit"] or "0" * 40) == 40 and made_by["machine"]["cpus"] >= 1
     records = [json.loads(line) for line in (out / "gsm8k-2shot.jsonl").read_text().splitlines()]
     assert len(records) == 4 and {r["augmented"] for r in records} == {True, False}
     assert all({"prompt", "output", "extracted", "gold", "correct"} <= set(r) for r in records)

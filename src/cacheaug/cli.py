@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import shlex
 import sys
 from pathlib import Path
 
@@ -193,6 +194,9 @@ def main(argv: list[str] | None = None) -> int:
 
     parser = build_parser()
     args, extra = parser.parse_known_args(argv)
+    from .report import set_command_line
+
+    set_command_line(shlex.join(["cacheaug", *(sys.argv[1:] if argv is None else argv)]))  # for result files
     if extra and args.verb != "train":
         parser.error(f"unrecognized arguments: {' '.join(extra)}")
     try:

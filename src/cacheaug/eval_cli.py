@@ -49,6 +49,9 @@ def data_name(path: str) -> str:
 
 
 def _write_json(path: Path, data: dict) -> None:
+    from .report import provenance
+
+    data = {**data, "provenance": provenance()}
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text(json.dumps(data, indent=2) + "\n")
 
