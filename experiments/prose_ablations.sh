@@ -7,6 +7,8 @@
 #   lora64                   LoRA rank 64 on a frozen copy (the paper's ablation), lr 1e-3
 #   scaled                   latents multiplied by a trainable scale calibrated to the embedding std, lr 3e-4
 #
+#   init-nl4, init-nl16      no training at all (step 0), for the starting gap
+#
 # Each is evaluated by perplexity by position on the held-out prose test files (8192 tokens, latents every 16th
 # token, 32 offsets), like the main runs. About 10 minutes per setting on 2 CPU cores.
 #
@@ -43,6 +45,30 @@ lora64 --train.lr 1e-3 --coprocessor.lora_rank 64
 scaled --train.lr 3e-4 --coprocessor.scale_latents true
 lr3e-5 --train.lr 3e-5"
 
+# Where training starts: the untrained coprocessors (seed 0, as `cacheaug train` builds them) of nl4 and nl16,
+# saved as step-0 checkpoints and evaluated the same way. The gap at step 0 vs at step 250 shows whether
+# training closes it.
+for latents in 4 16; do
+    name=init-nl$latents
+    ckpt=$RUNS/$name/step-000000
+    if [ ! -f "$ckpt/cacheaug_config.json" ]; then
+        timed "save-$name" python -c "
+import sys, torch
+from cacheaug import AugmentedLM, load_base
+from cacheaug.config import load_run_config
+config = load_run_config('configs/prose-smollm2.yaml', {'coprocessor.num_latents': int(sys.argv[1]),
+                         'coprocessor.num_ahead': 16, 'coprocessor.num_points': 8})
+torch.manual_seed(config.train.seed)
+base, _ = load_base(config.model, config.dtype)
+AugmentedLM(base, config.coprocessor).save_pretrained(sys.argv[2])
+" "$latents" "$ckpt"
+    fi
+    mkdir -p "$OUT/$name"
+    [ -f "$OUT/$name/perplexity-prose-test.json" ] || timed "ppl-prose-$name" \
+        cacheaug eval perplexity --ckpt "$ckpt" --data "$SPLITS/test" --name prose-test \
+        --seq-len 256 --every 16 --offsets 32 --max-tokens "$PPL_TOKENS" --out "$OUT/$name"
+done
+
 STEP_DIR=step-$(printf %06d "$STEPS")
 while read -r name overrides; do
     run=$RUNS/ablation-$name
@@ -62,6 +88,6 @@ while read -r name overrides; do
         --seq-len 256 --every 16 --offsets 32 --max-tokens "$PPL_TOKENS" --out "$OUT/$name"
 done <<< "$ABLATIONS"
 
-timed report cacheaug report results/prose-smollm2/nl4 "$OUT"/lr3e-5 "$OUT"/lr1e-4 "$OUT"/lr1e-3 "$OUT"/lora64 \
+timed report cacheaug report "$OUT"/init-nl4 results/prose-smollm2/nl4 "$OUT"/init-nl16 results/prose-smollm2/nl16 "$OUT"/lr3e-5 "$OUT"/lr1e-4 "$OUT"/lr1e-3 "$OUT"/lora64 \
     "$OUT"/scaled --out "$OUT"
 echo "done: $OUT/report.md"
