@@ -24,8 +24,8 @@ def set_command_line(command: str | None) -> None:
 
 
 def provenance(command: str | None = None) -> dict:
-    """What produced a result file: the command line (default: this process's), the git commit of this source tree (and whether it had
-    uncommitted changes), the machine and library versions."""
+    """What produced a result file: the command line (default: this process's), the git commit of this source
+    tree and whether the package's source had uncommitted changes, the machine and library versions."""
     import os
     import platform
     import subprocess
@@ -42,7 +42,8 @@ def provenance(command: str | None = None) -> dict:
             return None
         return done.stdout if done.returncode == 0 else None
 
-    commit, status = git("rev-parse", "HEAD"), git("status", "--porcelain", "--untracked-files=no")
+    # dirty: uncommitted changes to the package's own source (results written meanwhile do not count)
+    commit, status = git("rev-parse", "HEAD"), git("status", "--porcelain", "--untracked-files=no", "--", ".")
     return {
         "command": command or _COMMAND_LINE or " ".join(sys.argv),
         "git_commit": commit.strip() if commit else None,
