@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # results/prose-smollm2/: cache augmentation on SmolLM2-135M, trained on English public-domain prose.
 #
-#   bash experiments/prose_smollm2.sh            # everything, about 2.5-3 hours on 2 CPU cores
+#   bash experiments/prose_smollm2.sh            # everything, about 1 h 50 min on 2 CPU cores
 #   STEPS=20 GSM8K_ITEMS=5 PPL_TOKENS=512 bash experiments/prose_smollm2.sh   # a quick dry run
 #
 # What it does (arXiv 2412.17747 sections 3.1-3.3, scaled to a CPU):
@@ -22,13 +22,11 @@
 #      in the same evaluations; for GSM8K once, in $OUT/base. Set COT=1 to add the base's zero-shot CoT.
 #   4. Writes $OUT/report.md and its plots with `cacheaug report`.
 #
-# Time on 2 CPU cores (assumption: ~3 s per step for N_L = 16 at seq_len 256 and 8 points, the others
-# scaled by the tokens that carry gradients: ~1.7 s for N_L = 4, ~8 s for N_L = 64, ~2 s for pause):
-#   training    250 x (1.7 + 3 + 8 + 2) s                       ~ 61 min
-#   perplexity  2 datasets x 4 runs, 8192 tokens each             ~ 13 min
-#   GSM8K       5 conditions (4 augmented + base) x 250 items     ~ 55-75 min (~2.5-3.5 s per item)
-#   loading     ~20 model loads                                   ~ 7 min
-#   total       ~2.3-2.6 hours (COT=1 adds ~15-20 min). Every stage is skipped when its output exists,
+# Time measured on 2 CPU cores (results/prose-smollm2/timings.txt):
+#   training    nl4 636 s, nl16 718 s, nl64 1538 s, pause16 438 s                ~ 55 min
+#   perplexity  2 datasets x 4 runs, 8192 tokens each, 74-172 s each             ~ 14 min
+#   GSM8K       5 conditions x 250 items, 8 items per batch, 271-731 s each      ~ 40 min
+#   total       ~1 h 50 min (COT=1 adds a few minutes). Every stage is skipped when its output exists,
 #   and an interrupted training resumes, so the script can be rerun after a stop.
 set -euo pipefail
 cd "$(dirname "$0")/.."

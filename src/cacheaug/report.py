@@ -50,7 +50,8 @@ def provenance(command: str | None = None) -> dict:
         "git_dirty": bool(status.strip()) if status is not None else None,
         "machine": {
             "node": platform.node(), "processor": platform.processor() or platform.machine(), "cpus": os.cpu_count(),
-            "torch_threads": torch.get_num_threads(), "cuda": torch.cuda.get_device_name() if torch.cuda.is_available() else None,
+            "torch_threads": torch.get_num_threads(),
+            "cuda": torch.cuda.get_device_name() if torch.cuda.is_available() else None,
         },
         "versions": {"python": platform.python_version(), "torch": torch.__version__,
                      "transformers": transformers.__version__},
