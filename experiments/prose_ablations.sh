@@ -27,17 +27,7 @@ SPLITS=$RUNS/splits
 mkdir -p "$OUT/logs"
 TIMINGS=$OUT/timings.txt
 
-timed() {  # as in prose_smollm2.sh: log to $OUT/logs/NAME.log, record the time
-    local name=$1 start=$SECONDS statuses
-    shift
-    echo "== $name: $*" | tee -a "$TIMINGS"
-    set +e
-    "$@" < /dev/null 2>&1 | tee "$OUT/logs/$name.log" | grep -v -E 'it/s\]|s/it\]|item/s\]|batch/s\]|step/s\]'
-    statuses=("${PIPESTATUS[@]}")
-    set -e
-    echo "   $name: $((SECONDS - start)) s, exit ${statuses[0]}" | tee -a "$TIMINGS"
-    return "${statuses[0]}"
-}
+source experiments/timed.sh
 
 # name     overrides (on top of configs/prose-smollm2.yaml with N_L = 4)
 ABLATIONS="lr1e-4 --train.lr 1e-4
@@ -81,7 +71,7 @@ while read -r name overrides; do
             --train.eval_every 0 --train.eval_batches 4 --train.save_every "$STEPS" --train.keep_last 1 $overrides
     fi
     mkdir -p "$OUT/$name"
-    cp "$run"/{run_config.json,final_eval.json,final_table.md,curves.png} "$OUT/$name/" 2>/dev/null || true
+    cp "$run"/{run_config.json,metrics.jsonl,final_eval.json,final_table.md,curves.png} "$OUT/$name/" 2>/dev/null || true
     [ -f "$OUT/$name/perplexity-prose-test.json" ] || timed "ppl-prose-$name" \
         cacheaug eval perplexity --ckpt "$run/$STEP_DIR" --data "$SPLITS/test" --name prose-test \
         --seq-len 256 --every 16 --offsets 32 --max-tokens "$PPL_TOKENS" --out "$OUT/$name"

@@ -43,17 +43,7 @@ SPLITS=$RUNS/splits
 mkdir -p "$OUT/logs"
 TIMINGS=$OUT/timings.txt
 
-timed() {  # timed NAME COMMAND...: run, log to $OUT/logs/NAME.log (progress bars only there), record the time
-    local name=$1 start=$SECONDS statuses
-    shift
-    echo "== $name: $*" | tee -a "$TIMINGS"
-    set +e
-    "$@" < /dev/null 2>&1 | tee "$OUT/logs/$name.log" | grep -v -E 'it/s\]|s/it\]|item/s\]|batch/s\]|step/s\]'
-    statuses=("${PIPESTATUS[@]}")
-    set -e
-    echo "   $name: $((SECONDS - start)) s, exit ${statuses[0]}" | tee -a "$TIMINGS"
-    return "${statuses[0]}"
-}
+source experiments/timed.sh
 
 # ---------------------------------------------------------------- 1. whole-file splits
 if [ ! -d "$SPLITS/train" ]; then
@@ -96,7 +86,7 @@ STEP_DIR=step-$(printf %06d "$STEPS")
 while read -r name config latents lr; do
     ckpt=$RUNS/$name/$STEP_DIR
     mkdir -p "$OUT/$name"
-    cp "$RUNS/$name"/{run_config.json,final_eval.json,final_table.md,curves.png} "$OUT/$name/" 2>/dev/null || true
+    cp "$RUNS/$name"/{run_config.json,metrics.jsonl,final_eval.json,final_table.md,curves.png} "$OUT/$name/" 2>/dev/null || true
     [ -f "$OUT/$name/perplexity-prose-test.json" ] || timed "ppl-prose-$name" \
         cacheaug eval perplexity --ckpt "$ckpt" --data "$SPLITS/test" --name prose-test \
         --seq-len 256 --every 16 --offsets 32 --max-tokens "$PPL_TOKENS" --out "$OUT/$name"

@@ -52,6 +52,11 @@ def test_report_writes_markdown_tables_and_plots(tmp_path, capsys):
     assert "| plain base | no latents | 20.000 |" in text
     expected = 100 * (math.exp(-0.05) - 1)
     assert f"| nl16 | coprocessor, N_L=16, step 10 | {20 * math.exp(-0.05):.3f} ({expected:+.2f}%)" in text
+    # last column: every scored token of every offset; equal counts, so exp(-gain * mean 1/k) vs the base
+    overall_base = math.exp(sum(math.log(20.0 - 0.1 * k) for k in range(32)) / 32)
+    change = math.exp(-0.05 * sum(1 / (k + 1) for k in range(32)) / 32)
+    assert "| k=1..32 |" in text and f"| {overall_base:.3f} |" in text
+    assert f"| {overall_base * change:.3f} ({100 * (change - 1):+.2f}%) |" in text
     assert "| nl4 | coprocessor, N_L=4, step 10 | 8-shot | 250 | 22.00 | 20.00 | +2.00 |" in text
     assert "pause16" in text and "| nl16 | items | 4 | 50.00 | 25.00 | 75.00 | 50.00 |" in text
     for png in ("perplexity-prose-test.png", "perplexity-wikitext2-test.png", "gsm8k.png", "scaling.png"):

@@ -105,6 +105,14 @@ def _describe(run: RunResults) -> str:
     return ", ".join(parts)
 
 
+def _overall_perplexity(result: dict, key: str) -> float:
+    """exp of the mean NLL over every scored token at every offset (offsets weighted by their token counts)."""
+    import math
+
+    counts = result["tokens_by_offset"]
+    return math.exp(sum(n * c for n, c in zip(result[key], counts)) / sum(counts))
+
+
 def perplexity_tables(runs: list[RunResults], offsets=TABLE_OFFSETS) -> list[str]:
     """Per dataset: perplexity of the k-th token after the latents, plain base first, change in parentheses."""
     sections = []
@@ -120,9 +128,10 @@ def perplexity_tables(runs: list[RunResults], offsets=TABLE_OFFSETS) -> list[str
             f"{first['num_points']} points, data `{settings.get('data', '?')}`. Cells: perplexity of the k-th "
             "token after the latents (change vs the plain base).",
             "",
-            "| run | what | " + " | ".join(f"k={k}" for k in shown) + " |",
-            "|---|---|" + "---:|" * len(shown),
-            "| plain base | no latents | " + " | ".join(f"{first['perplexity_base'][k - 1]:.3f}" for k in shown) + " |",
+            "| run | what | " + " | ".join(f"k={k}" for k in shown) + f" | k=1..{len(first['nll_base'])} |",
+            "|---|---|" + "---:|" * (len(shown) + 1),
+            "| plain base | no latents | " + " | ".join(f"{first['perplexity_base'][k - 1]:.3f}" for k in shown)
+            + f" | {_overall_perplexity(first, 'nll_base'):.3f} |",
         ]
         for run, data in having:
             result = data["result"]
@@ -131,6 +140,8 @@ def perplexity_tables(runs: list[RunResults], offsets=TABLE_OFFSETS) -> list[str
                              + " | ".join(f"{result['perplexity_base'][k - 1]:.3f}" for k in shown) + " |")
             cells = [f"{result['perplexity_augmented'][k - 1]:.3f} ({result['relative_change_percent'][k - 1]:+.2f}%)"
                      for k in shown]
+            overall, overall_base = _overall_perplexity(result, "nll_augmented"), _overall_perplexity(result, "nll_base")
+            cells.append(f"{overall:.3f} ({100 * (overall / overall_base - 1):+.2f}%)")
             lines.append(f"| {run.label} | {_describe(run)} | " + " | ".join(cells) + " |")
         sections.append("\n".join(lines))
     return sections
