@@ -151,9 +151,10 @@ def _byte_vocab_base(arch: str):
     return AutoModelForCausalLM.from_config(config).eval()
 
 
+@pytest.mark.parametrize("recipe", ["paper", "token_gate"])
 @pytest.mark.parametrize("arch", ["llama", "gpt2", "qwen3", "gemma3", "mistral"])
 @torch.no_grad()
-def test_batched_generation_equals_one_by_one(arch):
+def test_batched_generation_equals_one_by_one(arch, recipe):
     # Padded rows of different lengths on the shared exemplar cache give the texts and logits of each prompt
     # decoded alone: plain, augmented, and with the latents delayed by 2 tokens (as the async Generation).
     from cacheaug.evaluate import cut_at_stop, generate_until_batch, padded_batches_are_exact, padded_context_states
@@ -161,7 +162,8 @@ def test_batched_generation_equals_one_by_one(arch):
     from cacheaug.models import byte_tokenizer
 
     tokenizer = byte_tokenizer()
-    lm = AugmentedLM(_byte_vocab_base(arch), CoprocessorConfig(num_latents=3, num_ahead=3)).eval()
+    options = {} if recipe == "paper" else {"readout": "token", "latent_gate": True}
+    lm = AugmentedLM(_byte_vocab_base(arch), CoprocessorConfig(num_latents=3, num_ahead=3, **options)).eval()
     for parameter in lm.coprocessor.parameters():  # a coprocessor that is not the base's copy
         parameter.add_(0.05 * torch.randn_like(parameter))
     exact = padded_batches_are_exact(lm.base.config)

@@ -26,7 +26,8 @@ from safetensors import safe_open
 from safetensors.torch import save_file
 
 from . import cache as kv
-from .coprocessor import AugmentedCache
+from . import state as steps
+from .state import AugmentedCache
 from .generate import copy_state
 
 __all__ = ["BANK_FORMAT_VERSION", "BankEntry", "BankEntryError", "CacheBank", "model_fingerprint", "tensors_sha256"]
@@ -203,6 +204,9 @@ class CacheBank:
         tensors["input_ids"] = ids.clone()  # (B, T)
         if state.latents is not None:
             tensors["latents"] = state.latents.detach().cpu().contiguous().clone()  # (B, N_L, H)
+        for name in ("slot_mask", "latent_slots", "last_token"):  # (B, S), (B, S), (B,)
+            if getattr(state, name) is not None:
+                tensors[name] = getattr(state, name).detach().cpu().clone(memory_format=torch.contiguous_format)
         header = {
             "format_version": BANK_FORMAT_VERSION,
             "key": key,
@@ -259,7 +263,19 @@ class CacheBank:
             cache = kv.cache_from_state(cache_tensors, header["cache_layout"], self.lm.base.config)
         except (KeyError, ValueError, TypeError) as error:
             raise BankEntryError(f"cache does not fit the model ({error})") from None
-        if kv.cache_length(cache) != header.get("next_position") or "logits" not in tensors:
+        masks = {name: tensors[name].to(device) for name in ("slot_mask", "latent_slots", "last_token") if name in tensors}
+        slots = kv.cache_length(cache)
+        if any(masks[name].shape[-1] != slots for name in ("slot_mask", "latent_slots") if name in masks):
+            raise BankEntryError("the slot masks and the cache length disagree")
+        # readout="token" reads a token again after the latents: its positions stop short of the slots.
+        positions_fit = slots == header.get("next_position") or (
+            "slot_mask" in masks and isinstance(header.get("next_position"), int) and 0 < header["next_position"] < slots
+        )
+        if not positions_fit or "logits" not in tensors:
             raise BankEntryError("cache length, next position and logits disagree")
         latents = tensors["latents"].to(device) if "latents" in tensors else None
-        return AugmentedCache(cache, int(header["next_position"]), tensors["logits"].to(device), latents)
+        gates = steps.recipe(self.lm)[1] if latents is not None else None
+        return AugmentedCache(
+            cache, int(header["next_position"]), tensors["logits"].to(device), latents,
+            masks.get("slot_mask"), masks.get("latent_slots"), masks.get("last_token"), gates,
+        )

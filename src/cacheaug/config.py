@@ -9,6 +9,10 @@ from typing import Any
 
 COPROCESSOR_INITS = ("pretrained", "scratch")
 METHODS = ("coprocessor", "pause")
+READOUTS = ("latent", "token")
+SOFT_TOKEN_INITS = ("random", "vocab")
+# The recipe as in the paper (arXiv 2412.17747): what a saved config that predates these fields was trained with.
+PAPER_RECIPE = {"readout": "latent", "latent_gate": False, "soft_token_init": "random"}
 
 
 class ConfigError(ValueError):
@@ -45,6 +49,16 @@ class CoprocessorConfig:
     # "pause": the pause-token baseline (Goyal et al., arXiv 2310.02226) -- the N_L trainable embeddings are
     # inserted into the base as they are, no coprocessor; trained and evaluated by the same code.
     method: str = "coprocessor"
+    # The do-no-harm recipe (results/recipe-smollm2/); PAPER_RECIPE below sets all three as in the paper.
+    # Where the first ahead token is read out. "token": the base reads x_0..x_{t-1}, the latents, then x_t
+    # again at its own position, so every prediction is made at a real token (masks.readout_layout);
+    # "latent": the last latent predicts x_{t+1}, as in the paper.
+    readout: str = "token"
+    # A zero-initialised tanh gate per base layer and head on a separate softmax over the latent keys
+    # (masks.gated_attention): with readout="token" the augmented base starts exactly equal to the plain one.
+    latent_gate: bool = True
+    # "vocab": embeddings of random vocabulary tokens; "random": Gaussian at the embedding scale (paper-like).
+    soft_token_init: str = "vocab"
     # Filled by resolve(): who the coprocessor was built for.
     base_model: str | None = None
     base_identity: dict[str, Any] = field(default_factory=dict)
@@ -70,6 +84,12 @@ class CoprocessorConfig:
             raise ConfigError(f"scale_latents must be true or false, got {self.scale_latents!r}")
         if not isinstance(self.latents_after_norm, bool):
             raise ConfigError(f"latents_after_norm must be true or false, got {self.latents_after_norm!r}")
+        if self.readout not in READOUTS:
+            raise ConfigError(f"readout must be one of {READOUTS}, got {self.readout!r}")
+        if not isinstance(self.latent_gate, bool):
+            raise ConfigError(f"latent_gate must be true or false, got {self.latent_gate!r}")
+        if self.soft_token_init not in SOFT_TOKEN_INITS:
+            raise ConfigError(f"soft_token_init must be one of {SOFT_TOKEN_INITS}, got {self.soft_token_init!r}")
 
     def resolve(self, base_config: Any, base_model: str | None = None) -> "CoprocessorConfig":
         """Return a copy with every ``None`` field filled from the base's HF config."""
@@ -96,6 +116,8 @@ class CoprocessorConfig:
         unknown = sorted(set(data) - known)
         if unknown:
             raise ConfigError(f"unknown coprocessor config key(s) {unknown}; known keys: {sorted(known)}")
+        if "base_identity" in data:  # a saved, resolved config: fields it lacks predate the new recipe
+            data = {**PAPER_RECIPE, **data}
         return cls(**data)
 
     def to_json(self) -> str:
@@ -154,6 +176,9 @@ class TrainArgs:
     batch_size: int = 1  # sequences per process per micro-step
     grad_accum: int = 1  # micro-steps per optimiser step
     lr: float = 1e-4
+    # Learning rate of the interface parameters (soft tokens, latent gates, latent scale); None: lr. The
+    # schedule scales it like lr. They are few and start where a large step is safe (two speeds).
+    interface_lr: float | None = None
     min_lr_ratio: float = 0.1  # cosine decays from lr to lr * min_lr_ratio
     warmup_steps: int = 10
     weight_decay: float = 0.0
@@ -184,6 +209,10 @@ class TrainArgs:
                 raise ConfigError(f"{name} must be a non-negative number, got {value!r}")
         if not 0 < self.lr:
             raise ConfigError(f"lr must be > 0, got {self.lr!r}")
+        if self.interface_lr is not None and (
+            isinstance(self.interface_lr, bool) or not isinstance(self.interface_lr, (int, float)) or self.interface_lr <= 0
+        ):
+            raise ConfigError(f"interface_lr must be a positive number or null, got {self.interface_lr!r}")
         if self.strategy not in STRATEGIES:
             raise ConfigError(f"strategy must be one of {STRATEGIES}, got {self.strategy!r}")
         if self.precision not in PRECISIONS:
@@ -248,7 +277,7 @@ class RunConfig:
 
 def _floats_from_strings(section: type, value: dict[str, Any]) -> dict[str, Any]:
     """YAML 1.1 reads `3e-4` (no dot) as a string; for float fields read it as the number it spells."""
-    float_fields = {f.name for f in dataclasses.fields(section) if f.type in (float, "float")}
+    float_fields = {f.name for f in dataclasses.fields(section) if f.type in (float, "float", "float | None")}
     converted = dict(value)
     for name, item in value.items():
         if name in float_fields and isinstance(item, str):

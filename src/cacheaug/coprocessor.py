@@ -15,18 +15,12 @@ import torch.nn.functional as F
 from torch import nn
 
 from . import cache as kv
+from . import state as steps
 from .config import CoprocessorConfig
-from .masks import block_attention_for, block_attention_mask, group_layout
+from .masks import block_attention_for, block_attention_mask, group_layout, readout_layout
+from .state import AugmentedCache
 
-
-@dataclass
-class AugmentedCache:
-    """The base's cache after a prefix (and, when augmented, its latents), ready to decode from."""
-
-    cache: object  # transformers DynamicCache holding prefix (+ latents)
-    next_position: int  # position id of the next token fed to the base
-    logits: torch.Tensor  # (B, V) base logits predicting the next token
-    latents: torch.Tensor | None = None  # (B, N_L, H) latent embeddings written into the cache
+__all__ = ["AugmentedCache", "AugmentedLM", "Coprocessor", "LossOutput"]
 
 
 @dataclass
@@ -69,10 +63,22 @@ class Coprocessor(nn.Module):
         super().__init__()
         embeddings = base.get_input_embeddings()
         hidden_size = base.config.get_text_config().hidden_size
-        # Soft tokens start at the scale the base's first layer sees (Gemma multiplies by sqrt(hidden)).
-        self.soft_tokens = nn.Parameter(
-            torch.randn(config.num_latents, hidden_size, dtype=embeddings.weight.dtype) * embedding_output_std(base)
-        )
+        if config.soft_token_init == "vocab":
+            # Embeddings of random vocabulary tokens, as the base's first layer sees them (Lester et al. 2021).
+            ids = torch.randint(embeddings.num_embeddings, (config.num_latents,), device=embeddings.weight.device)
+            with torch.no_grad():
+                initial = embeddings(ids).detach().clone()
+        else:
+            # Gaussian at the scale the base's first layer sees (Gemma multiplies by sqrt(hidden)).
+            initial = torch.randn(config.num_latents, hidden_size, dtype=embeddings.weight.dtype) * embedding_output_std(base)
+        self.soft_tokens = nn.Parameter(initial)
+        self.gate = None
+        if config.latent_gate:
+            text_config = base.config.get_text_config()
+            # (num_layers, H) zeros: tanh(0) = 0 hides the latents from the base until training opens the gates
+            self.gate = nn.Parameter(
+                torch.zeros(text_config.num_hidden_layers, text_config.num_attention_heads, dtype=initial.dtype)
+            )
         self.num_layers = config.num_layers
         self.stack = None if config.method == "pause" else self._copy_stack(base, config)
         self.latent_scale = None
@@ -168,6 +174,11 @@ class AugmentedLM(nn.Module):
     def trainable_parameters(self) -> list[nn.Parameter]:
         return [p for p in self.coprocessor.parameters() if p.requires_grad]
 
+    def interface_parameters(self) -> list[nn.Parameter]:
+        """The few parameters where the coprocessor meets the base: soft tokens, latent gates, latent scale."""
+        interface = (self.coprocessor.soft_tokens, self.coprocessor.gate, self.coprocessor.latent_scale)
+        return [p for p in interface if p is not None and p.requires_grad]
+
     def trainable_state_dict(self) -> dict[str, torch.Tensor]:
         return {name: p for name, p in self.coprocessor.named_parameters() if p.requires_grad}
 
@@ -180,45 +191,30 @@ class AugmentedLM(nn.Module):
     def device(self) -> torch.device:
         return self.coprocessor.soft_tokens.device
 
-    def _positions(self, batch: int, start: int, length: int) -> torch.Tensor:
-        return torch.arange(start, start + length, device=self.device).expand(batch, -1)
-
     # ------------------------------------------------------------------ inference
     @torch.no_grad()
     def prefill(self, input_ids: torch.Tensor, cache=None) -> AugmentedCache:
-        """Run the frozen base over ``input_ids`` (B, T), on a copy of ``cache`` when given."""
-        past = kv.new_cache(self.base.config) if cache is None else kv.copy_cache(cache)
-        start = kv.cache_length(past)
-        out = self.base(
-            input_ids=input_ids,
-            cache=past,
-            position_ids=self._positions(input_ids.shape[0], start, input_ids.shape[1]),
-            use_cache=True,
-            logits_to_keep=1,
-        )
-        return AugmentedCache(cache=past, next_position=start + input_ids.shape[1], logits=out.logits[:, -1])
+        """Run the frozen base over ``input_ids`` (B, T), on a copy of ``cache`` (a plain cache) when given."""
+        return steps.prefill(self.base, input_ids, cache=cache)
 
     def augment(self, input_ids: torch.Tensor | None = None, cache=None) -> AugmentedCache:
         """Prefill ``input_ids`` (onto a copy of ``cache`` if given), then write N_L latents after it.
 
-        Differentiable with respect to the coprocessor; the caller's cache is never mutated.
+        ``cache``: a plain cache, or an AugmentedCache to continue. Differentiable with respect to the
+        coprocessor; the caller's cache is never mutated.
         """
         if input_ids is None and cache is None:
             raise ValueError("augment needs input_ids, a cache, or both")
+        context = cache if isinstance(cache, AugmentedCache) else None
         if input_ids is not None:
             if input_ids.ndim != 2 or input_ids.shape[1] == 0:
                 raise ValueError(f"input_ids must be (batch, length>0), got shape {tuple(input_ids.shape)}")
-            prefix = self.prefill(input_ids, cache).cache
+            state = steps.prefill(self.base, input_ids, context, None if context is not None else cache)
+        elif context is not None:
+            state = steps.copy_state(context)
         else:
-            prefix = kv.copy_cache(cache)
-        batch = kv.cache_batch_size(prefix)
-        start = kv.cache_length(prefix)
-        positions = self._positions(batch, start, self.config.num_latents)
-        latents = self.coprocessor(kv.first_layers(prefix, self.num_coprocessor_layers), positions)
-        out = self.base(inputs_embeds=latents, cache=prefix, position_ids=positions, use_cache=True, logits_to_keep=1)
-        return AugmentedCache(
-            cache=prefix, next_position=start + self.config.num_latents, logits=out.logits[:, -1], latents=latents
-        )
+            state = AugmentedCache(kv.copy_cache(cache), kv.cache_length(cache), None)
+        return steps.insert_latents(self, state, steps.compute_latents(self, state))
 
     @property
     def num_coprocessor_layers(self) -> int:
@@ -237,7 +233,7 @@ class AugmentedLM(nn.Module):
         eos_token_id: int | None = None,
     ) -> torch.Tensor:
         """Prompt + generated tokens (B, T + n); ``augment=False`` decodes with the plain base."""
-        from .generate import decode
+        from .generate import decode  # generate builds on this module
 
         state = self.augment(input_ids) if augment else self.prefill(input_ids)
         tokens = decode(
@@ -339,22 +335,32 @@ class AugmentedLM(nn.Module):
                 cacheaug_group_size=num_latents,
             )  # (B, P*N_L, H)
 
-        # 3. Base: P groups of [N_L latents ; x_{t+1..t+N_A-1}], each seeing prefix 0..t_p and itself.
-        group_size = num_latents + num_ahead - 1
-        ahead_index = points[:, :, None] + 1 + torch.arange(num_ahead, device=self.device)  # (B, P, N_A)
-        in_sequence = ahead_index < length
-        tokens = input_ids.gather(1, ahead_index.clamp(max=length - 1).flatten(1)).view_as(ahead_index)
-        ahead_embeds = self.base.get_input_embeddings()(tokens[:, :, :-1])  # (B, P, N_A-1, H)
+        # 3. Base: P groups of latents and ahead inputs, each seeing the prefix and itself (causally).
+        #    readout="latent": [N_L latents ; x_{t+1..t+N_A-1}], the last latent predicts x_{t+1};
+        #    readout="token":  [N_L latents ; x_t..x_{t+N_A-1}], x_t read again predicts x_{t+1}.
+        token_readout = self.config.readout == "token"
+        target_index = points[:, :, None] + 1 + torch.arange(num_ahead, device=self.device)  # (B, P, N_A)
+        in_sequence = target_index < length
+        tokens = input_ids.gather(1, target_index.clamp(max=length - 1).flatten(1)).view_as(target_index)
+        inputs = torch.cat([input_ids.gather(1, points)[:, :, None], tokens[:, :, :-1]], dim=2) if token_readout else tokens[:, :, :-1]
+        ahead_embeds = self.base.get_input_embeddings()(inputs)  # (B, P, N_A or N_A-1, H)
         group_embeds = torch.cat([latents.view(batch, num_points, num_latents, -1), ahead_embeds], dim=2)
-        base_layout = group_layout(points, group_size)
+        group_size = group_embeds.shape[2]
+        if token_readout:
+            base_layout = readout_layout(points, num_latents, num_ahead)
+        else:
+            base_layout = group_layout(points, group_size)
         base_mask = block_attention_mask(self.base.config, base_layout, length, dtype)
-        # Score the last latent and the ahead inputs: N_A positions per group.
+        # Score the N_A positions per group that predict x_{t+1..t+N_A}: the last latent (or x_t) onwards.
+        first_scored = num_latents if token_readout else num_latents - 1
         scored = (
             torch.arange(num_points, device=self.device)[:, None] * group_size
-            + num_latents
-            - 1
+            + first_scored
             + torch.arange(num_ahead, device=self.device)
         ).flatten()
+        gates = {}
+        if self.coprocessor.gate is not None:
+            gates = {"cacheaug_gates": self.coprocessor.gate, "cacheaug_num_latents": num_latents}
         with block_attention_for(self.base):
             out = self.base(
                 inputs_embeds=group_embeds.flatten(1, 2),
@@ -364,6 +370,7 @@ class AugmentedLM(nn.Module):
                 use_cache=True,
                 logits_to_keep=scored,
                 cacheaug_group_size=group_size,
+                **gates,
             )
         logits = out.logits.view(batch, num_points, num_ahead, -1)
         targets = tokens.masked_fill(~in_sequence, -100)
@@ -384,13 +391,7 @@ class AugmentedLM(nn.Module):
                 targets = input_ids[row, point + 1 : point + 1 + num_ahead]  # (n,)
                 logits = [state.logits]
                 if len(targets) > 1:
-                    out = self.base(
-                        input_ids=targets[None, :-1],
-                        cache=state.cache,
-                        position_ids=self._positions(1, state.next_position, len(targets) - 1),
-                        use_cache=True,
-                    )
-                    logits.append(out.logits[0])
+                    logits.append(steps.feed(self.base, state, targets[None, :-1], logits_to_keep=0)[0])
                 token_nll = F.cross_entropy(torch.cat(logits).float(), targets, reduction="none")
                 nll = nll.index_put((torch.tensor(row), torch.tensor(column), torch.arange(len(targets))), token_nll)
                 scored[row, column, : len(targets)] = True

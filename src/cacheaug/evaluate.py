@@ -5,11 +5,12 @@ from __future__ import annotations
 
 import json
 import math
-from dataclasses import asdict, dataclass, fields
+from dataclasses import asdict, dataclass, field, fields
 
 import torch
 
 from . import cache as kv
+from . import state as steps
 from .coprocessor import AugmentedCache, AugmentedLM
 
 EVAL_POINTS_SEED = 1234  # validation points are fixed, so every evaluation scores the same tokens
@@ -71,6 +72,13 @@ def evaluate_ahead(lm: AugmentedLM, batches: list[torch.Tensor], seed: int = EVA
     )
 
 
+def _interval(intervals: dict, index: int) -> str:
+    if not intervals:
+        return ""
+    low, high = intervals["by_offset"][index]
+    return f" [{low:+.2f}, {high:+.2f}]"
+
+
 def _offset_counts(points: torch.Tensor, length: int, num_ahead: int) -> torch.Tensor:
     """(N_A,) how many points have a target at each offset (targets past the sequence end are not scored)."""
     offsets = torch.arange(num_ahead)
@@ -95,10 +103,39 @@ class PositionEval:
     seq_len: int
     every: int
     num_points: int  # augmentation points, all sequences together
+    # Per sequence, per offset: NLL sums with and without latents and target counts, (S, K) each; the
+    # bootstrap intervals resample sequences (tokens of one sequence are not independent).
+    sequence_nll_augmented: list[list[float]] = field(default_factory=list)
+    sequence_nll_base: list[list[float]] = field(default_factory=list)
+    sequence_counts: list[list[int]] = field(default_factory=list)
 
     @property
     def num_offsets(self) -> int:
         return len(self.nll_augmented)
+
+    def bootstrap(self, samples: int = 2000, seed: int = 0, level: float = 0.95) -> dict:
+        """Percentile intervals of the relative perplexity change (percent), resampling whole sequences:
+        {"by_offset": [(lo, hi)] * K, "overall": (lo, hi), "overall_change": value} for offsets 1..K together."""
+        if not self.sequence_counts:
+            return {}
+        aug = torch.tensor(self.sequence_nll_augmented, dtype=torch.float64)  # (S, K)
+        base = torch.tensor(self.sequence_nll_base, dtype=torch.float64)
+        counts = torch.tensor(self.sequence_counts, dtype=torch.float64)
+        generator = torch.Generator().manual_seed(seed)
+        picks = torch.randint(len(counts), (samples, len(counts)), generator=generator)  # (samples, S)
+
+        def change(a, b, c):  # sums over the sequence axis -> percent change
+            return 100 * (torch.exp((a.sum(-2) - b.sum(-2)) / c.sum(-2).clamp(min=1)) - 1)
+
+        by_offset = change(aug[picks], base[picks], counts[picks])  # (samples, K)
+        overall = change(aug[picks].sum(-1, keepdim=True), base[picks].sum(-1, keepdim=True), counts[picks].sum(-1, keepdim=True))
+        low, high = (1 - level) / 2, 1 - (1 - level) / 2
+        quantiles = torch.tensor([low, high], dtype=torch.float64)
+        offset_ci = torch.quantile(by_offset, quantiles, dim=0).T.tolist()  # (K, 2)
+        overall_ci = torch.quantile(overall[:, 0], quantiles).tolist()
+        point = change(aug.sum(-1, keepdim=True), base.sum(-1, keepdim=True), counts.sum(-1, keepdim=True))
+        return {"by_offset": offset_ci, "overall": overall_ci, "overall_change": float(point[0]), "level": level,
+                "samples": samples}
 
     @property
     def perplexity_augmented(self) -> list[float]:
@@ -119,21 +156,27 @@ class PositionEval:
             "perplexity_augmented": self.perplexity_augmented,
             "perplexity_base": self.perplexity_base,
             "relative_change_percent": self.relative_change,
+            "relative_change_ci95": self.bootstrap(),
         }
 
     @classmethod
     def from_dict(cls, data: dict) -> "PositionEval":
-        return cls(**{f.name: data[f.name] for f in fields(cls)})
+        return cls(**{f.name: data[f.name] for f in fields(cls) if f.name in data})
 
     def table(self, offsets: tuple[int, ...] = TABLE_OFFSETS) -> str:
         """Markdown: perplexity of the k-th token after the latents, with vs without, and the change."""
-        lines = ["| offset | ppl augmented | ppl base | change |", "|---:|---:|---:|---:|"]
+        intervals = self.bootstrap()
+        header = "change [95% interval]" if intervals else "change"
+        lines = [f"| offset | ppl augmented | ppl base | {header} |", "|---:|---:|---:|---:|"]
         for offset in [k for k in offsets if k <= self.num_offsets]:
             index = offset - 1
             lines.append(
                 f"| {offset} | {self.perplexity_augmented[index]:.3f} | {self.perplexity_base[index]:.3f} "
-                f"| {self.relative_change[index]:+.2f}% |"
+                f"| {self.relative_change[index]:+.2f}%{_interval(intervals, index)} |"
             )
+        if intervals:
+            low, high = intervals["overall"]
+            lines.append(f"| 1..{self.num_offsets} | | | {intervals['overall_change']:+.2f}% [{low:+.2f}, {high:+.2f}] |")
         return "\n".join(lines)
 
 
@@ -171,6 +214,8 @@ def evaluate_positions(
     points_per_chunk = max(1, max_queries // group_size)
     sums = {"aug": torch.zeros(num_offsets, dtype=torch.float64), "base": torch.zeros(num_offsets, dtype=torch.float64)}
     counts = torch.zeros(num_offsets, dtype=torch.float64)
+    sequence_nll: dict[str, list] = {"aug": [], "base": []}
+    sequence_counts: list[list[int]] = []
     num_points = num_sequences = 0
     iterator = batches
     if progress:
@@ -183,14 +228,22 @@ def evaluate_positions(
         points = position_points(length, num_offsets, every).to(lm.device)
         all_points = points.expand(rows, -1)
         per_offset = _offset_counts(all_points, length, num_offsets).double()
-        base = lm.unaugmented_loss(batch, all_points, num_ahead=num_offsets)
-        sums["base"] += base.nll_by_offset.cpu().double() * per_offset
-        for chunk in points.split(points_per_chunk):
-            # Targets of this chunk end at t_max + num_offsets: the rest of the sequence is not needed.
-            end = min(length, int(chunk[-1]) + num_offsets + 1)
-            chunk_points = chunk.expand(rows, -1)
-            out = lm.training_loss(batch[:, :end], chunk_points, num_ahead=num_offsets)
-            sums["aug"] += out.nll_by_offset.cpu().double() * _offset_counts(chunk_points, end, num_offsets).double()
+        for row in range(rows):  # one sequence at a time: its sums feed the bootstrap over sequences
+            sequence = batch[row : row + 1]
+            base = lm.unaugmented_loss(sequence, points[None], num_ahead=num_offsets)
+            sequence_sums = {"base": base.nll_by_offset.cpu().double() * per_offset / rows, "aug": 0.0}
+            for chunk in points.split(points_per_chunk):
+                # Targets of this chunk end at t_max + num_offsets: the rest of the sequence is not needed.
+                end = min(length, int(chunk[-1]) + num_offsets + 1)
+                out = lm.training_loss(sequence[:, :end], chunk[None], num_ahead=num_offsets)
+                sequence_sums["aug"] = sequence_sums["aug"] + (
+                    out.nll_by_offset.cpu().double() * _offset_counts(chunk[None], end, num_offsets).double()
+                )
+            for key in ("aug", "base"):
+                sums[key] += sequence_sums[key]
+            sequence_nll["aug"].append(sequence_sums["aug"].tolist())
+            sequence_nll["base"].append(sequence_sums["base"].tolist())
+            sequence_counts.append([int(c) for c in per_offset / rows])
         counts += per_offset
         num_points += rows * len(points)
         num_sequences += rows
@@ -204,6 +257,9 @@ def evaluate_positions(
         seq_len=max(int(b.shape[1]) for b in batches),
         every=every,
         num_points=num_points,
+        sequence_nll_augmented=sequence_nll["aug"],
+        sequence_nll_base=sequence_nll["base"],
+        sequence_counts=sequence_counts,
     )
 
 
@@ -252,11 +308,7 @@ def continuation_logprobs(
         logits = [state.logits]  # (1, V): predicts the first continuation token
         if len(continuation) > 1:
             inputs = torch.tensor([continuation[:-1]], device=lm.device)
-            positions = torch.arange(state.next_position, state.next_position + inputs.shape[1], device=lm.device)
-            out = lm.base(
-                input_ids=inputs, cache=kv.copy_cache(state.cache), position_ids=positions[None], use_cache=True
-            )
-            logits.append(out.logits[0])
+            logits.append(steps.feed(lm.base, steps.copy_state(state), inputs, logits_to_keep=0)[0])
         log_probs = torch.log_softmax(torch.cat(logits).float(), dim=-1)  # (n, V)
         targets = torch.tensor(continuation, device=lm.device)
         total = log_probs.gather(-1, targets[:, None]).sum().item()
@@ -286,15 +338,8 @@ def generate_until(
             break
         if step == max_new_tokens - 1:
             break
-        out = lm.base(
-            input_ids=torch.tensor([[token]], device=lm.device),
-            cache=state.cache,
-            position_ids=torch.tensor([[state.next_position]], device=lm.device),
-            use_cache=True,
-            logits_to_keep=1,
-        )
-        state.next_position += 1
-        state.logits = logits = out.logits[:, -1]
+        steps.feed_token(lm.base, state, torch.tensor([token], device=lm.device))
+        logits = state.logits
     return cut_at_stop(tokenizer.decode(tokens, skip_special_tokens=True), stop)
 
 
@@ -305,30 +350,62 @@ class PaddedState:
     ids, padding up to the longest row (masked out for good), then latents and generated tokens."""
 
     cache: object  # DynamicCache, (B, H_kv, S, D) per layer
-    attention_mask: torch.Tensor  # (B, S) long: 1 for a real slot, 0 for padding
+    attention_mask: torch.Tensor  # (B, S) long: 1 for a visible slot, 0 for padding (or a token read again)
     next_position: torch.Tensor  # (B,) position id of each row's next token (padding takes no positions)
     logits: torch.Tensor  # (B, V) base logits predicting each row's next token
+    last_token: torch.Tensor  # (B,) each row's last token id
+    last_slot: torch.Tensor  # (B,) the slot that token sits in
     pending: torch.Tensor | None = None  # (B, N_L, H) latents still to insert, after ``pending_after`` tokens
     pending_after: int = 0
+    latent_slots: torch.Tensor | None = None  # (B, S) bool: slots holding latents
+    gates: torch.Tensor | None = None  # (num_layers, H) the coprocessor's latent gates, when gated
 
     def select(self, rows: torch.Tensor) -> "PaddedState":
         """The rows ``rows`` (1D index), in that order: finished rows leave the batch."""
-        pending = None if self.pending is None else self.pending[rows]
+        def pick(tensor):
+            return None if tensor is None else tensor[rows]
+
         return PaddedState(
             kv.select_rows(self.cache, rows), self.attention_mask[rows], self.next_position[rows], self.logits[rows],
-            pending, self.pending_after,
+            self.last_token[rows], self.last_slot[rows], pick(self.pending), self.pending_after,
+            pick(self.latent_slots), self.gates,
         )
 
-    def step(self, lm: AugmentedLM, tokens: torch.Tensor | None = None, embeds: torch.Tensor | None = None):
-        """Append ``tokens`` (B, n) or ``embeds`` (B, n, H) to every row, in place; logits follow the last one."""
-        batch, width = (tokens if tokens is not None else embeds).shape[:2]
-        positions = self.next_position[:, None] + torch.arange(width, device=lm.device)  # (B, n)
-        mask = torch.cat([self.attention_mask, self.attention_mask.new_ones(batch, width)], dim=1)
-        out = lm.base(
-            input_ids=tokens, inputs_embeds=embeds, cache=self.cache, position_ids=positions, attention_mask=mask,
-            use_cache=True, logits_to_keep=1,
+    def step(self, lm: AugmentedLM, tokens: torch.Tensor) -> None:
+        """Append ``tokens`` (B, n) to every row, in place; logits follow the last one."""
+        width = tokens.shape[1]
+        logits, self.attention_mask, self.latent_slots = steps.base_forward(
+            lm.base, self.cache, steps.positions(self.next_position, width, tokens.shape[0], lm.device),
+            input_ids=tokens, slot_mask=self.attention_mask, latent_slots=self.latent_slots, gates=self.gates,
         )
-        self.attention_mask, self.next_position, self.logits = mask, self.next_position + width, out.logits[:, -1]
+        self.next_position, self.logits = self.next_position + width, logits[:, -1]
+        self.last_token, self.last_slot = tokens[:, -1], torch.full_like(self.last_slot, self.attention_mask.shape[1] - 1)
+
+    def insert(self, lm: AugmentedLM, latents: torch.Tensor) -> None:
+        """``latents`` (B, N_L, H) into every row at its current point, as state.insert_latents does."""
+        readout, self.gates = steps.recipe(lm)
+        batch, num_latents = latents.shape[:2]
+        rows = torch.arange(batch, device=lm.device)
+        mask, start = self.attention_mask, self.next_position
+        if readout == "token":  # each row's last token is read again after its latents, at its own position
+            mask, start = mask.clone(), start - 1
+            mask[rows, self.last_slot] = 0
+            latent_positions = start[:, None].expand(-1, num_latents)
+        else:
+            latent_positions = steps.positions(start, num_latents, batch, lm.device)
+        logits, mask, latent_slots = steps.base_forward(
+            lm.base, self.cache, latent_positions, inputs_embeds=latents, slot_mask=mask,
+            latent_slots=self.latent_slots, gates=self.gates, is_latent=True,
+        )
+        if readout == "token":
+            logits, mask, latent_slots = steps.base_forward(
+                lm.base, self.cache, start[:, None], input_ids=self.last_token[:, None], slot_mask=mask,
+                latent_slots=latent_slots, gates=self.gates,
+            )
+            self.last_slot = torch.full_like(self.last_slot, mask.shape[1] - 1)
+        else:
+            self.next_position = self.next_position + num_latents
+        self.attention_mask, self.latent_slots, self.logits = mask, latent_slots, logits[:, -1]
 
 
 def padded_batches_are_exact(config) -> bool:
@@ -372,14 +449,15 @@ def padded_context_states(
         attention_mask=mask, use_cache=True, logits_to_keep=keep,
     )
     logits = out.logits[torch.arange(batch, device=device), torch.searchsorted(keep, last)]  # (B, V)
-    state = PaddedState(past, mask, start + lengths, logits)
+    rows = torch.arange(batch, device=device)
+    state = PaddedState(past, mask, start + lengths, logits, ids[rows, last], start + last)
     if augment:
         num_latents = lm.config.num_latents
         positions = state.next_position[:, None] + torch.arange(num_latents, device=device)  # (B, N_L)
-        soft_mask = torch.cat([mask, mask.new_ones(batch, num_latents)], dim=1)
+        soft_mask = steps.coprocessor_mask(lm, mask, None, num_latents)
         latents = lm.coprocessor(kv.first_layers(past, lm.num_coprocessor_layers), positions, attention_mask=soft_mask)
         if delay is None:
-            state.step(lm, embeds=latents)
+            state.insert(lm, latents)
         else:
             state.pending, state.pending_after = latents, delay
     return state
@@ -404,7 +482,7 @@ def generate_until_batch(
     for step in range(max_new_tokens):
         if state.pending is not None and step == state.pending_after:
             latents, state.pending = state.pending, None
-            state.step(lm, embeds=latents)
+            state.insert(lm, latents)
         chosen = state.logits.argmax(dim=-1)  # (B_active,)
         still = []
         for slot, row in enumerate(active):

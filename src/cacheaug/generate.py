@@ -14,7 +14,13 @@ from dataclasses import dataclass, field
 import torch
 
 from . import cache as kv
-from .coprocessor import AugmentedCache
+from .state import AugmentedCache, compute_latents, copy_state, feed_token, insert_latents, prefill
+
+__all__ = [
+    "AUGMENT_MODES", "AugmentedCache", "Completion", "DecodeOutput", "FinishEvent", "Generation", "LatentsWorker",
+    "TextStream", "TokenEvent", "copy_state", "decode", "feed_token", "generate_text", "insert_latents",
+    "latents_for", "next_token", "prefill", "stream",
+]
 
 AUGMENT_MODES = ("off", "sync", "async")
 
@@ -87,65 +93,12 @@ def decode(
     return DecodeOutput(torch.stack(tokens, dim=1), torch.stack(all_logits, dim=1))
 
 
-# ---------------------------------------------------------------------- single base steps
-def _positions(start: int, length: int, batch: int, device) -> torch.Tensor:
-    return torch.arange(start, start + length, device=device).expand(batch, -1)  # (B, length)
-
-
-def prefill(base, input_ids: torch.Tensor, context: AugmentedCache | None = None) -> AugmentedCache:
-    """The base over ``input_ids`` (B, T), after a copy of ``context``'s cache when given (as AugmentedLM.prefill)."""
-    past = kv.new_cache(base.config) if context is None else kv.copy_cache(context.cache)
-    start = kv.cache_length(past)
-    out = base(
-        input_ids=input_ids,
-        cache=past,
-        position_ids=_positions(start, input_ids.shape[1], input_ids.shape[0], input_ids.device),
-        use_cache=True,
-        logits_to_keep=1,
-    )
-    return AugmentedCache(cache=past, next_position=start + input_ids.shape[1], logits=out.logits[:, -1])
-
-
-def feed_token(base, state: AugmentedCache, token: torch.Tensor) -> None:
-    """Append ``token`` (B,) to ``state`` in place: its cache grows by one, its logits predict the next token."""
-    batch = token.shape[0]
-    out = base(
-        input_ids=token[:, None],
-        cache=state.cache,
-        position_ids=torch.full((batch, 1), state.next_position, device=token.device),
-        use_cache=True,
-        logits_to_keep=1,
-    )
-    state.logits = out.logits[:, -1]
-    state.next_position += 1
-
-
-def latents_for(lm, cache) -> torch.Tensor:
-    """(B, N_L, H) latents the coprocessor emits for ``cache``, exactly as AugmentedLM.augment computes them.
-
-    The soft tokens sit at positions T..T+N_L-1 after the cache's T positions; ``cache`` is not mutated (the
-    coprocessor extends its own copy), so this may run in another thread while the base decodes.
-    """
-    past = kv.first_layers(cache, lm.num_coprocessor_layers)  # a copy
-    start = kv.cache_length(past)
-    positions = _positions(start, lm.config.num_latents, kv.cache_batch_size(past), lm.device)
-    return lm.coprocessor(past, positions)
-
-
-def insert_latents(base, state: AugmentedCache, latents: torch.Tensor) -> AugmentedCache:
-    """A new state: ``state`` followed by ``latents`` (B, N_L, H) fed as input embeddings at its CURRENT position.
-
-    Position ids continue from ``state.next_position`` whatever positions the coprocessor used, so latents
-    computed on an older cache (async) land after the tokens decoded meanwhile. ``state`` is untouched: a
-    failure half-way through the layers leaves nothing half-written.
-    """
-    past = kv.copy_cache(state.cache)
-    num_latents = latents.shape[1]
-    positions = _positions(state.next_position, num_latents, latents.shape[0], latents.device)
-    out = base(inputs_embeds=latents, cache=past, position_ids=positions, use_cache=True, logits_to_keep=1)
-    return AugmentedCache(
-        cache=past, next_position=state.next_position + num_latents, logits=out.logits[:, -1], latents=latents
-    )
+# ---------------------------------------------------------------------- single base steps (state.py)
+def latents_for(lm, state) -> torch.Tensor:
+    """(B, N_L, H) latents for ``state`` (an AugmentedCache, or a plain cache), as state.compute_latents."""
+    if not isinstance(state, AugmentedCache):
+        state = AugmentedCache(state, kv.cache_length(state), None)
+    return compute_latents(lm, state)
 
 
 # ---------------------------------------------------------------------- the background coprocessor
@@ -297,7 +250,7 @@ class Generation:
     ``reaugment_every`` = k runs the coprocessor again on the current cache every k tokens after each
     insertion. ``base_lock``/``coprocessor_lock`` serialise forward passes shared with other requests.
     ``context``: an AugmentedCache (e.g. from a CacheBank) that the prompt continues; it is not mutated.
-    ``latents_fn(cache) -> (1, N_L, H)`` replaces the coprocessor (tests inject failing or hanging ones).
+    ``latents_fn(state) -> (1, N_L, H)`` replaces the coprocessor (tests inject failing or hanging ones).
     """
 
     def __init__(
@@ -339,7 +292,7 @@ class Generation:
         self.seed, self.reaugment_every, self.timeout = seed, reaugment_every, augment_timeout_s
         self.delay, self.base_lock, self.coprocessor_lock = async_delay_tokens, base_lock, coprocessor_lock
         if latents_fn is None and getattr(lm, "coprocessor", None) is not None:
-            latents_fn = lambda cache: latents_for(lm, cache)  # noqa: E731
+            latents_fn = lambda state: compute_latents(lm, state)  # noqa: E731
         self.latents_fn = latents_fn
         self.num_prompt_tokens = input_ids.shape[1]
         self.detokenizer = None
@@ -356,11 +309,11 @@ class Generation:
 
     # ------------------------------------------------------------------ augmentation
     def _launch(self) -> LatentsWorker:
-        cache = kv.copy_cache(self.state.cache)  # the worker's own: decoding rebinds only ours
+        snapshot = copy_state(self.state)  # the worker's own: decoding rebinds only ours
 
         def compute() -> torch.Tensor:
             with _lock(self.coprocessor_lock):
-                return self.latents_fn(cache)
+                return self.latents_fn(snapshot)
 
         return LatentsWorker(compute)
 
@@ -399,7 +352,7 @@ class Generation:
 
     def _insert(self, latents: torch.Tensor, generated: int) -> str:
         with _lock(self.base_lock):
-            self.state = insert_latents(self.base, self.state, latents)
+            self.state = insert_latents(self.lm, self.state, latents)
         self.insertions.append(generated)
         self.latents.append(latents)
         return "applied"
@@ -463,13 +416,6 @@ class Generation:
             status = "timed out" if late else "not ready"
         rest = self.detokenizer.flush() if self.detokenizer is not None else ""
         return FinishEvent(finish, status, rest, tokens, self.num_prompt_tokens, list(self.insertions))
-
-
-def copy_state(state: AugmentedCache) -> AugmentedCache:
-    """A state that decoding can extend without touching ``state``: the cache is copied (its tensors are
-    shared, never written), logits and latents are cloned."""
-    latents = None if state.latents is None else state.latents.clone()
-    return AugmentedCache(kv.copy_cache(state.cache), state.next_position, state.logits.clone(), latents)
 
 
 def stream(lm, input_ids: torch.Tensor, max_new_tokens: int, **options) -> Generation:

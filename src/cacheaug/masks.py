@@ -27,10 +27,14 @@ SLIDING = "sliding_attention"
 class GroupLayout:
     """Where each new query sits: its group, its index inside the group, its position id."""
 
-    position_ids: torch.Tensor  # (B, P*G) position of each new query
+    position_ids: torch.Tensor  # (B, P*G) position of each new query (its rotary / absolute position)
     group_of: torch.Tensor  # (B, P*G) index p of the group the query belongs to
     index_in_group: torch.Tensor  # (B, P*G) 0..G-1
-    points: torch.Tensor  # (B, P) last visible prefix index of each group
+    points: torch.Tensor  # (B, P) the augmentation point t of each group
+    # (B, P*G) cache slot each query occupies at inference: sliding windows count slots, not positions
+    slots: torch.Tensor | None = None
+    # (B, P) last prefix index a group sees; None = its point (readout="token" hides x_t: point - 1)
+    prefix_last: torch.Tensor | None = None
 
 
 def group_layout(points: torch.Tensor, group_size: int) -> GroupLayout:
@@ -41,6 +45,21 @@ def group_layout(points: torch.Tensor, group_size: int) -> GroupLayout:
     group_of = torch.arange(num_points, device=points.device).repeat_interleave(group_size).expand(batch, -1)
     index_in_group = offsets.repeat(num_points).expand(batch, -1)
     return GroupLayout(position_ids, group_of, index_in_group, points)
+
+
+def readout_layout(points: torch.Tensor, num_latents: int, num_ahead: int) -> GroupLayout:
+    """Base groups [N_L latents ; x_t .. x_{t+N_A-1}] for readout="token" (x_t read again after the latents).
+
+    At inference the prefix x_0..x_t fills slots 0..t, slot t is then hidden, the latents take slots
+    t+1..t+N_L and x_t again slot t+N_L+1. Positions: every latent shares x_t's position t (as latent tokens
+    share their following token's, Sun et al. arXiv 2505.12629) and x_{t+j} keeps t+j, so the base sees the
+    same rotary distances as without latents. The group sees the prefix up to x_{t-1}.
+    """
+    layout = group_layout(points, num_latents + num_ahead)
+    batch, num_points = points.shape
+    offsets = torch.cat([points.new_zeros(num_latents), torch.arange(num_ahead, device=points.device)])  # (G,)
+    position_ids = (points[:, :, None] + offsets).reshape(batch, -1)
+    return GroupLayout(position_ids, layout.group_of, layout.index_in_group, points, layout.position_ids, points - 1)
 
 
 def attention_layer_kinds(config) -> list[tuple[str, int | None]]:
@@ -62,16 +81,18 @@ def block_visibility(layout: GroupLayout, prefix_length: int, sliding_window: in
     """Boolean (B, Q, T+Q): may new query q attend to key k (T prefix keys, then the Q new keys)?"""
     query_group = layout.group_of[:, :, None]  # (B, Q, 1)
     query_index = layout.index_in_group[:, :, None]
-    query_position = layout.position_ids[:, :, None]
+    slots = layout.position_ids if layout.slots is None else layout.slots  # (B, Q)
+    query_slot = slots[:, :, None]
 
-    prefix_positions = torch.arange(prefix_length, device=layout.points.device)  # (T,)
-    query_point = torch.gather(layout.points, 1, layout.group_of)[:, :, None]  # (B, Q, 1)
-    sees_prefix = prefix_positions[None, None, :] <= query_point  # (B, Q, T)
+    prefix_slots = torch.arange(prefix_length, device=layout.points.device)  # (T,)
+    prefix_last = layout.points if layout.prefix_last is None else layout.prefix_last
+    query_last = torch.gather(prefix_last, 1, layout.group_of)[:, :, None]  # (B, Q, 1)
+    sees_prefix = prefix_slots[None, None, :] <= query_last  # (B, Q, T)
     sees_new = (layout.group_of[:, None, :] == query_group) & (layout.index_in_group[:, None, :] <= query_index)
     if sliding_window is not None:
-        # Same rule as transformers' sliding_window_overlay: key visible iff q_pos - k_pos < window.
-        sees_prefix = sees_prefix & (query_position - prefix_positions[None, None, :] < sliding_window)
-        sees_new = sees_new & (query_position - layout.position_ids[:, None, :] < sliding_window)
+        # Same rule as transformers' sliding_window_overlay: key visible iff q_slot - k_slot < window.
+        sees_prefix = sees_prefix & (query_slot - prefix_slots[None, None, :] < sliding_window)
+        sees_new = sees_new & (query_slot - slots[:, None, :] < sliding_window)
     return torch.cat([sees_prefix, sees_new], dim=-1)
 
 
@@ -140,7 +161,22 @@ def block_attention(module, query, key, value, attention_mask, scaling=None, dro
         dim=-1,
     )  # (B, H, P, G, T+G)
     # softmax in at least fp32 (bf16 scores lose too much), never below the input precision
-    probs = torch.softmax(scores, dim=-1, dtype=torch.promote_types(scores.dtype, torch.float32)).to(query.dtype)
+    softmax_dtype = torch.promote_types(scores.dtype, torch.float32)
+    gates = kwargs.get("cacheaug_gates")
+    if gates is None:
+        probs = torch.softmax(scores, dim=-1, dtype=softmax_dtype).to(query.dtype)
+    else:
+        # The first N_L keys of each group are latents: their own softmax, scaled by the layer's gate.
+        visible = torch.cat(
+            [attention_mask[:, :, :, :prefix].view(batch, 1, groups, group_size, prefix), local_mask], dim=-1
+        ) > torch.finfo(attention_mask.dtype).min / 2  # (B, 1, P, G, T+G)
+        key_index = torch.arange(prefix + group_size, device=query.device)
+        is_latent = (key_index >= prefix) & (key_index < prefix + kwargs["cacheaug_num_latents"])  # (T+G,)
+        gate = torch.tanh(gates[module.layer_idx]).to(softmax_dtype)[None, :, None, None, None]  # (1, H, 1, 1, 1)
+        probs = (
+            masked_softmax(scores, visible & ~is_latent, softmax_dtype)
+            + gate * masked_softmax(scores, visible & is_latent, softmax_dtype)
+        ).to(query.dtype)
     probs = torch.nn.functional.dropout(probs, p=dropout, training=module.training)
     out = torch.matmul(probs[..., :prefix].reshape(batch, heads, queries, prefix), value[:, :, :prefix])
     local_value = value[:, :, prefix:].reshape(batch, heads, groups, group_size, dim)
@@ -148,24 +184,72 @@ def block_attention(module, query, key, value, attention_mask, scaling=None, dro
     return out.transpose(1, 2).contiguous(), None
 
 
+def masked_softmax(scores: torch.Tensor, visible: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """softmax over the visible keys only; a query that sees none of them gets all-zero weights (not NaN)."""
+    any_visible = visible.any(dim=-1, keepdim=True)
+    scores = scores.masked_fill(~visible, float("-inf")).masked_fill(~any_visible, 0.0)
+    return torch.softmax(scores, dim=-1, dtype=dtype) * any_visible
+
+
+# ---------------------------------------------------------------------------- gated attention to latents
+GATED_ATTENTION = "cacheaug_gated"
+
+
+def gated_attention(module, query, key, value, attention_mask, scaling=None, dropout=0.0, softcap=None, **kwargs):
+    """Attention with a zero-initialised gate on the latent keys (LLaMA-Adapter, arXiv 2303.16199): the
+    non-latent keys get their own softmax, the latent keys another, scaled by tanh(gate[layer, head]).
+    With every gate at 0 the output is exactly that of attention over the non-latent keys alone.
+
+    query (B, H, Q, D); key/value (B, H_kv, K, D); attention_mask (B, 1, Q, K) additive (eager masks);
+    kwargs ``cacheaug_latent_keys`` (B, S) bool over every slot the layer has seen plus the new ones (a
+    sliding layer holds only its last K), ``cacheaug_gates`` (num_layers, H). Returns (B, Q, H, D).
+    """
+    batch, heads, queries, dim = query.shape
+    num_keys = key.shape[2]
+    is_latent = kwargs["cacheaug_latent_keys"][:, -num_keys:][:, None, None, :]  # (B, 1, 1, K)
+    if key.shape[1] != heads:  # grouped-query attention
+        key = key.repeat_interleave(heads // key.shape[1], dim=1)
+        value = value.repeat_interleave(heads // value.shape[1], dim=1)
+    scaling = dim**-0.5 if scaling is None else scaling
+    scores = torch.matmul(query, key.transpose(-1, -2)) * scaling  # (B, H, Q, K)
+    if softcap is not None:
+        scores = torch.tanh(scores / softcap) * softcap
+    if attention_mask is None:
+        visible = torch.ones_like(scores, dtype=torch.bool)
+    elif attention_mask.dtype == torch.bool:
+        visible = attention_mask[..., :num_keys]
+    else:
+        visible = attention_mask[..., :num_keys] > torch.finfo(attention_mask.dtype).min / 2
+    dtype = torch.promote_types(scores.dtype, torch.float32)
+    gate = torch.tanh(kwargs["cacheaug_gates"][module.layer_idx]).to(dtype)[None, :, None, None]  # (1, H, 1, 1)
+    probs = masked_softmax(scores, visible & ~is_latent, dtype) + gate * masked_softmax(scores, visible & is_latent, dtype)
+    probs = torch.nn.functional.dropout(probs.to(query.dtype), p=dropout, training=module.training)
+    return torch.matmul(probs, value).transpose(1, 2).contiguous(), None
+
+
 def register_block_attention() -> None:
     from transformers import AttentionInterface
+    from transformers.masking_utils import ALL_MASK_ATTENTION_FUNCTIONS, eager_mask
 
     AttentionInterface.register(BLOCK_ATTENTION, block_attention)
+    AttentionInterface.register(GATED_ATTENTION, gated_attention)
+    # Without a registered mask function transformers builds no mask at all for a custom attention.
+    ALL_MASK_ATTENTION_FUNCTIONS.register(GATED_ATTENTION, eager_mask)
 
 
 class block_attention_for:
     """Within the block, the given models' attention layers use block_attention (the masks must be the
-    block masks above, passed explicitly). Restores each config's implementation on exit."""
+    block masks above, passed explicitly), or ``implementation``. Restores each config's on exit."""
 
-    def __init__(self, *modules):
+    def __init__(self, *modules, implementation: str = BLOCK_ATTENTION):
         self.configs = [m.config for m in modules if m is not None]
+        self.implementation = implementation
 
     def __enter__(self):
         register_block_attention()
         self.saved = [config._attn_implementation for config in self.configs]
         for config in self.configs:
-            config._attn_implementation = BLOCK_ATTENTION
+            config._attn_implementation = self.implementation
         return self
 
     def __exit__(self, *exc):

@@ -220,7 +220,7 @@ def train(config: RunConfig) -> TrainResult:
     model = runtime.prepare(lm, args.strategy)
     # After prepare: FSDP replaces the parameters by sharded ones, which the optimiser must hold.
     optimizer = torch.optim.AdamW(
-        lm.trainable_parameters(),
+        parameter_groups(lm, args),
         lr=args.lr,
         betas=(args.beta1, args.beta2),
         weight_decay=args.weight_decay,
@@ -228,7 +228,7 @@ def train(config: RunConfig) -> TrainResult:
     )
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_lambda(args))
     if state is not None:
-        _load_optimizer_state(lm, optimizer, state["optimizer"], sharded)
+        _load_optimizer_state(lm, optimizer, state["optimizer"], sharded, args)
         scheduler.load_state_dict(state["scheduler"])
         data.load_state_dict(state["data"])
         _set_rng_state(state["rng"])
@@ -358,11 +358,20 @@ def _optimizer_state(optimizer, sharded: bool) -> dict:
     return state
 
 
-def _load_optimizer_state(lm: AugmentedLM, optimizer, state: dict, sharded: bool) -> None:
+def parameter_groups(lm: AugmentedLM, args: TrainArgs) -> list[dict]:
+    """AdamW groups: the body at ``lr``; with ``interface_lr``, the interface parameters in a group of their own."""
+    interface = {id(p) for p in lm.interface_parameters()} if args.interface_lr is not None else set()
+    body = [p for p in lm.trainable_parameters() if id(p) not in interface]
+    fast = [p for p in lm.trainable_parameters() if id(p) in interface]
+    groups = [{"params": body}] if body else []
+    return groups + ([{"params": fast, "lr": float(args.interface_lr)}] if fast else [])
+
+
+def _load_optimizer_state(lm: AugmentedLM, optimizer, state: dict, sharded: bool, args: TrainArgs) -> None:
     if sharded:  # cut whole moments into the shards of the parameters they belong to
         from torch.distributed.tensor import distribute_tensor
 
-        parameters = lm.trainable_parameters()  # the optimiser's parameter order
+        parameters = [p for group in parameter_groups(lm, args) for p in group["params"]]  # the optimiser's order
         state["state"] = {
             index: {
                 key: distribute_tensor(value, parameters[index].device_mesh, parameters[index].placements)

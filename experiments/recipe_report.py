@@ -1,0 +1,192 @@
+"""Tables and plots of results/recipe-smollm2/: perplexity change by offset with 95% intervals, training curves.
+
+    python experiments/recipe_report.py results/recipe-smollm2 [--paper250 results/prose-smollm2/nl16]
+
+Reads every RUN/perplexity-*.json (written by `cacheaug eval perplexity`) and RUN/metrics.jsonl (written by
+`cacheaug train`) under the results folder; writes report.md, change-<data>.png and curves.png there.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+from pathlib import Path
+
+OFFSETS = (1, 2, 4, 8, 16, 32)
+DATASETS = ("prose-test", "wikitext2-test")
+
+
+def load_run(folder: Path) -> dict:
+    run = {"name": folder.name, "folder": folder, "evals": {}, "metrics": []}
+    for dataset in DATASETS:
+        path = folder / f"perplexity-{dataset}.json"
+        if path.exists():
+            run["evals"][dataset] = json.loads(path.read_text())["result"]
+    if (folder / "metrics.jsonl").exists():
+        run["metrics"] = [json.loads(line) for line in (folder / "metrics.jsonl").read_text().splitlines() if line]
+    if (folder / "run_config.json").exists():
+        run["config"] = json.loads((folder / "run_config.json").read_text())
+    return run
+
+
+def describe(run: dict) -> str:
+    config = run.get("config", {})
+    coprocessor, train = config.get("coprocessor", {}), config.get("train", {})
+    if not coprocessor:
+        return ""
+    parts = [
+        coprocessor.get("method", "coprocessor"),
+        f"N_L {coprocessor.get('num_latents')}",
+        f"readout {coprocessor.get('readout', 'latent')}",
+        "gate" if coprocessor.get("latent_gate") else "no gate",
+        f"{coprocessor.get('soft_token_init', 'random')} init",
+        f"lr {train.get('lr')}" + (f", interface {train['interface_lr']}" if train.get("interface_lr") else ""),
+    ]
+    return ", ".join(parts)
+
+
+def train_steps_and_seconds(run: dict) -> tuple[int | None, float | None]:
+    steps = [r for r in run["metrics"] if r.get("split") != "validation" and "seconds_per_step" in r]
+    if not steps:
+        return None, None
+    return max(r["step"] for r in steps), sum(r["seconds_per_step"] for r in steps)
+
+
+def overall_change(result: dict) -> float:
+    counts = result["tokens_by_offset"]
+    total = sum(counts)
+    aug = sum(n * c for n, c in zip(result["nll_augmented"], counts)) / total
+    base = sum(n * c for n, c in zip(result["nll_base"], counts)) / total
+    return 100 * (math.exp(aug - base) - 1)
+
+
+def cell(result: dict, index: int) -> str:
+    value = result["relative_change_percent"][index]
+    interval = result.get("relative_change_ci95") or {}
+    if not interval:
+        return f"{value:+.1f}%"
+    low, high = interval["by_offset"][index]
+    return f"{value:+.1f}% [{low:+.1f}, {high:+.1f}]"
+
+
+def overall_cell(result: dict) -> str:
+    interval = result.get("relative_change_ci95") or {}
+    if not interval:
+        return f"{overall_change(result):+.1f}%"
+    low, high = interval["overall"]
+    return f"{interval['overall_change']:+.1f}% [{low:+.1f}, {high:+.1f}]"
+
+
+def table(runs: list[dict], dataset: str) -> str:
+    rows = [r for r in runs if dataset in r["evals"]]
+    offsets = " | ".join(f"k={k}" for k in OFFSETS)
+    lines = [
+        f"| run | steps | train s | points/offset | {offsets} | k=1..32 | worst k (upper 95%) |",
+        "|---|---:|---:|---:|" + "---:|" * len(OFFSETS) + "---:|---:|",
+    ]
+    for run in rows:
+        result = run["evals"][dataset]
+        steps, seconds = train_steps_and_seconds(run)
+        cells = " | ".join(cell(result, k - 1) for k in OFFSETS if k <= len(result["nll_augmented"]))
+        interval = result.get("relative_change_ci95") or {}
+        if interval:
+            uppers = [high for _, high in interval["by_offset"]]
+            worst = max(range(len(uppers)), key=uppers.__getitem__)
+            worst_cell = f"k={worst + 1}: {uppers[worst]:+.1f}%"
+        else:
+            worst = max(range(len(result["relative_change_percent"])), key=result["relative_change_percent"].__getitem__)
+            worst_cell = f"k={worst + 1}: {result['relative_change_percent'][worst]:+.1f}% (no interval)"
+        points = result["tokens_by_offset"][0]
+        lines.append(
+            f"| {run['label']} | {steps or '-'} | {seconds and round(seconds) or '-'} | {points} | {cells} "
+            f"| {overall_cell(result)} | {worst_cell} |"
+        )
+    return "\n".join(lines)
+
+
+def plot_change(runs: list[dict], dataset: str, path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    figure, axis = plt.subplots(figsize=(8, 4.5))
+    for run in runs:
+        if dataset not in run["evals"]:
+            continue
+        result = run["evals"][dataset]
+        offsets = list(range(1, len(result["relative_change_percent"]) + 1))
+        line = axis.plot(offsets, result["relative_change_percent"], "o-", markersize=3, label=run["label"])[0]
+        interval = result.get("relative_change_ci95") or {}
+        if interval:
+            low = [lo for lo, _ in interval["by_offset"]]
+            high = [hi for _, hi in interval["by_offset"]]
+            axis.fill_between(offsets, low, high, color=line.get_color(), alpha=0.15)
+    axis.axhline(0, color="black", linewidth=0.8)
+    axis.set_xlabel("k (token after the latents)")
+    axis.set_ylabel("perplexity change vs base (%)")
+    axis.set_ylim(-15, 15)
+    axis.set_title(f"{dataset}: change by offset, 95% bootstrap intervals (clipped at +/-15%)")
+    axis.legend(fontsize=7)
+    figure.tight_layout()
+    figure.savefig(path, dpi=120)
+    plt.close(figure)
+
+
+def plot_curves(runs: list[dict], path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    figure, (first, overall) = plt.subplots(1, 2, figsize=(11, 4))
+    for run in runs:
+        records = [r for r in run["metrics"] if r.get("split") == "validation"]
+        if not records:
+            continue
+        steps = [r["step"] for r in records]
+        k1 = [100 * (math.exp(r["nll_by_offset_augmented"][0] - r["nll_by_offset_base"][0]) - 1) for r in records]
+        every = [100 * (math.exp(r["loss_augmented"] - r["loss_base"]) - 1) for r in records]
+        first.plot(steps, k1, "o-", markersize=3, label=run["label"])
+        overall.plot(steps, every, "o-", markersize=3, label=run["label"])
+    for axis, title in ((first, "k=1"), (overall, "k=1..16")):
+        axis.axhline(0, color="black", linewidth=0.8)
+        axis.set_xlabel("step")
+        axis.set_ylabel("validation perplexity change vs base (%)")
+        axis.set_title(f"training curve, {title} (4 validation sequences x 8 points)")
+        axis.set_yscale("symlog", linthresh=10)
+    overall.legend(fontsize=7)
+    figure.tight_layout()
+    figure.savefig(path, dpi=120)
+    plt.close(figure)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("results", type=Path)
+    parser.add_argument("--paper250", type=Path, help="results/prose-smollm2/nl16: the paper recipe, 250 steps")
+    parser.add_argument("--paper250-nl4", type=Path, help="results/prose-smollm2/nl4")
+    args = parser.parse_args()
+    runs = [load_run(folder) for folder in sorted(args.results.iterdir()) if folder.is_dir() and folder.name != "logs"]
+    for extra, label in ((args.paper250, "paper16-250 (prose-smollm2)"), (args.paper250_nl4, "paper4-250 (prose-smollm2)")):
+        if extra is not None and extra.exists():
+            run = load_run(extra)
+            run["name"] = label
+            runs.append(run)
+    runs = [r for r in runs if r["evals"]]
+    for run in runs:
+        run["label"] = run["name"]
+    lines = ["# Recipe comparison on SmolLM2-135M (generated by experiments/recipe_report.py)", ""]
+    for run in runs:
+        lines.append(f"- **{run['label']}**: {describe(run)}")
+    for dataset in DATASETS:
+        lines += ["", f"## {dataset}: perplexity change vs the plain base, [95% bootstrap interval]", "", table(runs, dataset)]
+        plot_change(runs, dataset, args.results / f"change-{dataset}.png")
+    plot_curves(runs, args.results / "curves.png")
+    (args.results / "report.md").write_text("\n".join(lines) + "\n")
+    print("\n".join(lines))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,95 @@
+#!/usr/bin/env bash
+# results/recipe-smollm2/: the do-no-harm recipe against the paper's recipe and pause tokens, SmolLM2-135M on
+# English public-domain prose (the splits of experiments/prose_smollm2.sh).
+#
+#   bash experiments/recipe_smollm2.sh                       # everything (about 2 h 15 min on 2 CPU cores)
+#   RUNS_ONLY="recipe16 paper16" bash experiments/recipe_smollm2.sh   # a subset of the run table
+#   STEPS_SCALE=0.04 PPL_TOKENS=512 bash experiments/recipe_smollm2.sh  # a quick dry run
+#
+# Every run has the same data and batch: 1 sequence x 256 tokens per step, 8 augmentation points, N_A 16,
+# body lr 3e-4 (pause: 1e-3), 20 warmup steps, cosine to 10%. What differs is in the run table:
+#   readout  latent = the last latent predicts x_{t+1} (paper); token = x_t read again after the latents
+#   gate     zero-initialised tanh gate per layer and head on the latent keys (exact no-op at step 0)
+#   init     soft tokens: random (Gaussian) or vocab (embeddings of random tokens)
+#   ilr      learning rate of soft tokens + gates ("-": the body's)
+# Evaluation: perplexity of the k-th token (k = 1..32) after latents inserted every 16th token, with and
+# without latents, 95% bootstrap intervals over sequences, on the prose test files and WikiText-2 test
+# (PPL_TOKENS tokens each = 72 sequences of 256 = 1,008 insertion points per offset); ablation runs on
+# prose only, ABLATION_TOKENS tokens. Training curves: the in-loop validation every 50 steps (k = 1..16).
+# Every stage is skipped when its output exists, and an interrupted training resumes.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+export HF_HUB_OFFLINE=1
+
+DATA=${DATA:-../shared/data}
+RUNS=${RUNS:-runs/recipe-smollm2}
+OUT=${OUT:-results/recipe-smollm2}
+SPLITS=${SPLITS:-runs/prose-smollm2/splits}
+PPL_TOKENS=${PPL_TOKENS:-18432}
+ABLATION_TOKENS=${ABLATION_TOKENS:-8192}
+STEPS_SCALE=${STEPS_SCALE:-1}
+RUNS_ONLY=${RUNS_ONLY:-}
+mkdir -p "$OUT/logs"
+TIMINGS=$OUT/timings.txt
+source experiments/timed.sh
+
+# ---------------------------------------------------------------- whole-file splits (as prose_smollm2.sh)
+if [ ! -d "$SPLITS/train" ]; then
+    prose=$(realpath "$DATA/english_pd_prose")
+    mkdir -p "$SPLITS.tmp"/{train,validation,test}
+    for file in "$prose"/*/*.txt; do
+        rel=${file#"$prose"/}
+        case "$rel" in
+            */README.nltk.txt) continue ;;
+            gutenberg/chesterton-thursday.txt | state_union/2005-GWBush.txt) split=validation ;;
+            gutenberg/austen-persuasion.txt | state_union/2006-GWBush.txt) split=test ;;
+            *) split=train ;;
+        esac
+        ln -s "$file" "$SPLITS.tmp/$split/${rel//\//__}"
+    done
+    mv "$SPLITS.tmp" "$SPLITS"
+fi
+
+# ---------------------------------------------------------------- the run table, in the order run
+# name     method      N_L steps readout gate  init   lr   ilr   eval
+RUN_TABLE="recipe16 coprocessor 16 500 token true vocab 3e-4 1e-2 full
+paper16 coprocessor 16 500 latent false random 3e-4 - full
+pause16 pause 16 500 token true vocab 1e-3 1e-2 full
+recipe4 coprocessor 4 500 token true vocab 3e-4 1e-2 full
+gate16 coprocessor 16 250 token true random 3e-4 - ablation
+token16 coprocessor 16 250 token false random 3e-4 - ablation"
+
+while read -r name method latents steps readout gate init lr ilr eval; do
+    if [ -n "$RUNS_ONLY" ] && [[ " $RUNS_ONLY " != *" $name "* ]]; then continue; fi
+    steps=$(python -c "print(max(2, round($steps * $STEPS_SCALE)))")
+    interface=()
+    [ "$ilr" != "-" ] && interface=(--train.interface_lr "$ilr")
+    if [ ! -f "$RUNS/$name/final_eval.json" ]; then
+        timed "train-$name" cacheaug train --config configs/prose-smollm2.yaml --resume \
+            --train.output_dir "$RUNS/$name" \
+            --data.source "$SPLITS/train" --data.validation_source "$SPLITS/validation" --data.seq_len 256 \
+            --coprocessor.method "$method" --coprocessor.num_latents "$latents" --coprocessor.num_ahead 16 \
+            --coprocessor.num_points 8 --coprocessor.readout "$readout" --coprocessor.latent_gate "$gate" \
+            --coprocessor.soft_token_init "$init" \
+            --train.max_steps "$steps" --train.lr "$lr" "${interface[@]}" --train.batch_size 1 --train.grad_accum 1 \
+            --train.warmup_steps 20 --train.eval_every 50 --train.eval_batches 4 \
+            --train.save_every "$(( steps / 2 > 0 ? steps / 2 : 1 ))" --train.keep_last 1
+    fi
+    ckpt=$RUNS/$name/step-$(printf %06d "$steps")
+    mkdir -p "$OUT/$name"
+    cp "$RUNS/$name"/{run_config.json,metrics.jsonl,final_eval.json,final_table.md,curves.png} "$OUT/$name/" 2>/dev/null || true
+    tokens=$PPL_TOKENS
+    [ "$eval" = ablation ] && tokens=$ABLATION_TOKENS
+    [ -f "$OUT/$name/perplexity-prose-test.json" ] || timed "ppl-prose-$name" \
+        cacheaug eval perplexity --ckpt "$ckpt" --data "$SPLITS/test" --name prose-test \
+        --seq-len 256 --every 16 --offsets 32 --max-tokens "$tokens" --out "$OUT/$name"
+    if [ "$eval" = full ] && [ ! -f "$OUT/$name/perplexity-wikitext2-test.json" ]; then
+        timed "ppl-wikitext-$name" \
+            cacheaug eval perplexity --ckpt "$ckpt" --data "$DATA/wikitext2/test.txt" --name wikitext2-test \
+            --seq-len 256 --every 16 --offsets 32 --max-tokens "$PPL_TOKENS" --out "$OUT/$name"
+    fi
+done <<< "$RUN_TABLE"
+
+# ---------------------------------------------------------------- tables and plots
+python experiments/recipe_report.py "$OUT" --paper250 results/prose-smollm2/nl16 --paper250-nl4 results/prose-smollm2/nl4
+echo "done: $OUT/report.md"

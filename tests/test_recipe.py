@@ -1,0 +1,140 @@
+"""The do-no-harm recipe: x_t read again after the latents (readout="token") and a zero-initialised gate on
+the latent keys (latent_gate). One-pass loss = point-by-point definition, decoding = a full recompute, and
+at the gates' initial value the augmented base equals the plain one."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from cacheaug import AugmentedLM, CoprocessorConfig
+from cacheaug.generate import generate_text, stream
+from cacheaug.masks import GATED_ATTENTION, block_attention_for
+from conftest import ARCHITECTURES, VOCAB, make_base
+from test_training_loss import POINT_SETS, assert_equivalent
+
+RECIPES = {
+    "token": {"readout": "token"},
+    "token_gate": {"readout": "token", "latent_gate": True},
+    "latent_gate": {"latent_gate": True},
+}
+FULL_ATTENTION = ["llama", "qwen3", "gpt2"]  # no sliding window, whose slots the latents would share
+
+
+def _lm(arch: str, perturb: bool = True, **config) -> AugmentedLM:
+    lm = AugmentedLM(make_base(arch), CoprocessorConfig(num_latents=3, num_ahead=4, num_points=5, **config))
+    if perturb:  # gates open, coprocessor no longer the base's copy: gradients and latents are generic
+        generator = torch.Generator().manual_seed(1)
+        with torch.no_grad():
+            for parameter in lm.trainable_parameters():
+                parameter.add_(torch.randn(parameter.shape, generator=generator) * 0.3)
+    return lm
+
+
+@pytest.mark.parametrize("recipe", list(RECIPES))
+@pytest.mark.parametrize("point_set", [0, 1])
+def test_one_pass_equals_reference(arch, recipe, point_set):
+    lm = _lm(arch, **RECIPES[recipe])
+    input_ids = torch.randint(0, VOCAB, (2, 20), generator=torch.Generator().manual_seed(point_set))
+    assert_equivalent(lm, input_ids, torch.tensor(POINT_SETS[point_set]))
+
+
+@pytest.mark.parametrize("arch", FULL_ATTENTION)
+def test_closed_gates_leave_the_base_exactly_as_it_is(arch):
+    lm = _lm(arch, perturb=False, readout="token", latent_gate=True, soft_token_init="vocab")
+    input_ids = torch.randint(0, VOCAB, (2, 20), generator=torch.Generator().manual_seed(0))
+    points = torch.tensor(POINT_SETS[0])
+    # training: every scored token's NLL equals the plain base's, offset by offset
+    augmented, plain = lm.training_loss(input_ids, points), lm.unaugmented_loss(input_ids, points)
+    torch.testing.assert_close(augmented.nll_by_offset, plain.nll_by_offset, rtol=0, atol=1e-6)
+    # decoding: the logits of every generated token equal those of plain decoding
+    prompt = input_ids[:1, :9]
+    on = generate_text(lm, prompt, 8, augment="sync", reaugment_every=3)
+    off = generate_text(lm, prompt, 8, augment="off")
+    assert on.augmentation == "applied" and on.insertions == [0, 3, 6]
+    # equal up to float32 rounding: the gated kernel sums in another order than the base's sdpa
+    assert (on.logits - off.logits).abs().max() <= 1e-6 * off.logits.abs().max()
+    # one optimiser step opens the gates: the augmented model now differs
+    optimizer = torch.optim.AdamW(lm.trainable_parameters(), lr=1e-2)
+    lm.training_loss(input_ids, points).loss.backward()
+    assert lm.coprocessor.gate.grad.abs().sum() > 0
+    optimizer.step()
+    after = lm.training_loss(input_ids, points)
+    assert (after.nll_by_offset - plain.nll_by_offset).abs().max() > 1e-4
+
+
+def _full_recompute(lm, prompt, tokens, insertions, latents):
+    """One cacheless forward over the slots decoding filled, with the readout="token" rule: before token i of
+    an insertion, the last token's slot is hidden, the latents share its position and it is read again.
+    Returns (n, V) logits that predicted each generated token."""
+    embed = lm.base.get_input_embeddings()
+    pieces, positions, visible, latent = [embed(prompt)], list(range(prompt.shape[1])), [1] * prompt.shape[1], []
+    latent = [False] * prompt.shape[1]
+    predicting, last = [], int(prompt[0, -1])
+    for index, token in enumerate(tokens):
+        if index in insertions:
+            block = latents[insertions.index(index)]  # (1, N_L, H)
+            position = positions[-1]
+            visible[-1] = 0
+            pieces += [block, embed(torch.tensor([[last]]))]
+            positions += [position] * (block.shape[1] + 1)
+            visible += [1] * (block.shape[1] + 1)
+            latent += [True] * block.shape[1] + [False]
+        predicting.append(len(positions) - 1)
+        if index < len(tokens) - 1:
+            pieces.append(embed(torch.tensor([[token]])))
+            positions.append(positions[-1] + 1)
+            visible.append(1)
+            latent.append(False)
+            last = token
+    options = {"cacheaug_latent_keys": torch.tensor([latent]), "cacheaug_gates": lm.coprocessor.gate}
+    with torch.no_grad(), block_attention_for(lm.base, implementation=GATED_ATTENTION):
+        out = lm.base(
+            inputs_embeds=torch.cat(pieces, dim=1), position_ids=torch.tensor([positions]),
+            attention_mask=torch.tensor([visible]), **options,
+        )
+    return out.logits[0, predicting]
+
+
+@pytest.mark.parametrize("mode", ["sync", "async_delay"])
+def test_decoding_equals_a_full_recompute(arch, mode):
+    lm = _lm(arch, readout="token", latent_gate=True)
+    prompt = torch.randint(2, VOCAB, (1, 9), generator=torch.Generator().manual_seed(3))
+    options = {"augment": "sync", "reaugment_every": 3} if mode == "sync" else {"augment": "async", "async_delay_tokens": 2}
+    generation = stream(lm, prompt, 9, **options)
+    events = list(generation)
+    finish, tokens = events[-1], events[:-1]
+    assert finish.augmentation == "applied"
+    assert finish.insertions == ([0, 3, 6] if mode == "sync" else [2])
+    full = _full_recompute(lm, prompt, finish.token_ids, finish.insertions, generation.latents)
+    torch.testing.assert_close(torch.stack([e.logits for e in tokens]), full, rtol=1e-4, atol=1e-4)
+
+
+def test_saved_config_without_recipe_fields_loads_as_the_paper():
+    config = CoprocessorConfig(readout="token", latent_gate=True).resolve(make_base("llama").config, "tiny")
+    saved = {k: v for k, v in config.to_dict().items() if k not in ("readout", "latent_gate", "soft_token_init")}
+    old = CoprocessorConfig.from_dict(saved)
+    assert (old.readout, old.latent_gate, old.soft_token_init) == ("latent", False, "random")
+    assert CoprocessorConfig.from_dict(config.to_dict()).readout == "token"
+
+
+def test_interface_parameters_are_the_few_where_coprocessor_meets_base():
+    lm = _lm("llama", perturb=False, readout="token", latent_gate=True)
+    names = {id(p) for p in lm.interface_parameters()}
+    assert names == {id(lm.coprocessor.soft_tokens), id(lm.coprocessor.gate)}
+    assert lm.coprocessor.gate.shape == (2, 4) and not lm.coprocessor.gate.any()
+
+
+assert set(FULL_ATTENTION) <= set(ARCHITECTURES)
+
+
+def test_interface_lr_gets_its_own_optimiser_group():
+    from cacheaug.config import TrainArgs
+    from cacheaug.train import parameter_groups
+
+    lm = _lm("llama", perturb=False, readout="token", latent_gate=True)
+    one, two = parameter_groups(lm, TrainArgs()), parameter_groups(lm, TrainArgs(interface_lr=1e-2))
+    assert len(one) == 1 and len(one[0]["params"]) == len(lm.trainable_parameters())
+    assert len(two) == 2 and two[1]["lr"] == 1e-2
+    assert {id(p) for p in two[1]["params"]} == {id(p) for p in lm.interface_parameters()}
+    assert sum(len(g["params"]) for g in two) == len(lm.trainable_parameters())
