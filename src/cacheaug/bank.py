@@ -27,6 +27,7 @@ from safetensors.torch import save_file
 
 from . import cache as kv
 from . import state as steps
+from .errors import BankEntryError
 from .state import AugmentedCache
 from .generate import copy_state
 
@@ -37,10 +38,6 @@ HEADER_FIELD = "cacheaug_bank"
 SUFFIX = ".safetensors"
 
 log = logging.getLogger(__name__)
-
-
-class BankEntryError(ValueError):
-    """A bank entry that must not be used: unreadable, damaged, edited, or made for another model."""
 
 
 @dataclass

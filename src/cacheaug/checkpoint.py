@@ -13,14 +13,11 @@ from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
 from .config import CoprocessorConfig, base_identity_from_config, identity_mismatches
+from .errors import CheckpointError
 
 WEIGHTS_NAME = "coprocessor.safetensors"
 CONFIG_NAME = "cacheaug_config.json"
 FORMAT_VERSION = 1
-
-
-class CheckpointError(ValueError):
-    """A checkpoint folder is missing, damaged, or made for another base model."""
 
 
 def atomic_directory(target: str | os.PathLike, write) -> Path:

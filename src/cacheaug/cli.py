@@ -10,9 +10,7 @@ from pathlib import Path
 
 import yaml
 
-from .checkpoint import CheckpointError
-from .config import ConfigError
-from .data import DataError
+from .errors import CacheaugError, ConfigError, DataError
 from .eval_cli import add_eval_tasks, add_report
 
 
@@ -45,7 +43,7 @@ def cmd_train(args, extra: list[str]) -> int:
         overrides["train.resume"] = True
     if args.overwrite:
         overrides["train.overwrite"] = True
-    result = train(load_run_config(args.config, overrides))
+    result = train(load_run_config(args.config, overrides), command=args.command)
     return 130 if result.interrupted else 0
 
 
@@ -190,18 +188,14 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
-    from .train import RunFolderError
-
     parser = build_parser()
     args, extra = parser.parse_known_args(argv)
-    from .report import set_command_line
-
-    set_command_line(shlex.join(["cacheaug", *(sys.argv[1:] if argv is None else argv)]))  # for result files
+    args.command = shlex.join(["cacheaug", *(sys.argv[1:] if argv is None else argv)])  # for result files
     if extra and args.verb != "train":
         parser.error(f"unrecognized arguments: {' '.join(extra)}")
     try:
         return args.func(args, extra)
-    except (ConfigError, DataError, CheckpointError, RunFolderError, FileNotFoundError) as error:
+    except (CacheaugError, FileNotFoundError) as error:
         print(f"cacheaug {args.verb}: error: {error}", file=sys.stderr)
         return 2
 

@@ -17,10 +17,10 @@ from typing import Any
 import numpy as np
 import torch
 
-from cacheaug.corpus import TRAIN_SEED, VALIDATION_SEED, arithmetic_problems, gsm8k_document
+from .config import EMBEDDED_SOURCE, FORMATS, DataArgs, _is_int, _require
+from .corpus import TRAIN_SEED, VALIDATION_SEED, arithmetic_problems, gsm8k_document
+from .errors import DataError
 
-EMBEDDED_SOURCE = "embedded:arithmetic"
-FORMATS = ("auto", "text", "jsonl", "gsm8k")
 _FOLDER_SUFFIXES = (".txt", ".jsonl")
 _JSONL_SUFFIXES = (".jsonl", ".ndjson")
 _PARTS_PER_WINDOW = 8  # big JSONL files are cut into parts this much smaller than a window, so windows mix them
@@ -29,62 +29,6 @@ _TOKENIZE_BATCH = 256  # documents per tokenizer call, to bound the Python lists
 # DataArgs fields that decide the order of the training stream: a saved position is only valid if they match.
 _STREAM_FIELDS = ("source", "format", "text_field", "seq_len", "seed", "validation_fraction", "validation_source",
                   "embedded_train_problems", "window_mb")
-
-
-class DataError(ValueError):
-    """The data cannot give batches; the one-line message names the problem and the source."""
-
-
-def _is_int(value: Any) -> bool:
-    return isinstance(value, int) and not isinstance(value, bool)
-
-
-def _is_number(value: Any) -> bool:
-    return isinstance(value, (int, float)) and not isinstance(value, bool)
-
-
-def _is_text(value: Any) -> bool:
-    return isinstance(value, str) and bool(value.strip())
-
-
-def _require(ok: bool, name: str, value: Any, want: str) -> None:
-    if not ok:
-        raise DataError(f"{name} must be {want}, got {value!r}")
-
-
-@dataclass
-class DataArgs:
-    """Where the training and validation text comes from and how it is cut into sequences."""
-
-    source: str = EMBEDDED_SOURCE  # embedded:arithmetic | file | folder (*.txt, *.jsonl) | glob | hf:<name>[:config]
-    format: str = "auto"  # auto (by extension) | text (one file = one document) | jsonl | gsm8k
-    text_field: str = "text"  # the JSONL field that holds a document
-    seq_len: int = 256
-    validation_fraction: float = 0.05  # of whole documents; ignored for the embedded corpus or a validation_source
-    validation_source: str | None = None  # held-out text used for validation instead of a split of source
-    seed: int = 0
-    embedded_train_problems: int = 20_000
-    embedded_val_problems: int = 200
-    window_mb: float = 16.0  # documents and chunks are shuffled within windows of about this much source text
-
-    def __post_init__(self) -> None:
-        _require(_is_text(self.source), "source", self.source, "a non-empty string")
-        _require(self.format in FORMATS, "format", self.format, f"one of {FORMATS}")
-        _require(_is_text(self.text_field), "text_field", self.text_field, "a non-empty string")
-        _require(_is_int(self.seq_len) and self.seq_len >= 2, "seq_len", self.seq_len, "an integer >= 2")
-        _require(_is_number(self.validation_fraction) and 0 <= self.validation_fraction < 1, "validation_fraction",
-                 self.validation_fraction, "a number in [0, 1)")
-        _require(self.validation_source is None or _is_text(self.validation_source), "validation_source",
-                 self.validation_source, "None or a non-empty string")
-        _require(_is_int(self.seed) and self.seed >= 0, "seed", self.seed, "a non-negative integer")
-        for name in ("embedded_train_problems", "embedded_val_problems"):
-            value = getattr(self, name)
-            _require(_is_int(value) and value >= 1, name, value, "a positive integer")
-        _require(_is_number(self.window_mb) and self.window_mb > 0, "window_mb", self.window_mb, "a positive number")
-
-    @property
-    def window_bytes(self) -> int:
-        return max(1, int(self.window_mb * 2**20))
 
 
 @dataclass(frozen=True)

@@ -48,12 +48,10 @@ def data_name(path: str) -> str:
     return re.sub(r"[^A-Za-z0-9_.-]+", "_", name).strip("_") or "data"
 
 
-def _write_json(path: Path, data: dict) -> None:
-    from .report import provenance
+def _write_json(path: Path, data: dict, command: str | None = None) -> None:
+    from .outputs import write_json
 
-    data = {**data, "provenance": provenance()}
-    path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(json.dumps(data, indent=2) + "\n")
+    write_json(path, data, command)
 
 
 def _model(ckpt, model):
@@ -63,7 +61,7 @@ def _model(ckpt, model):
 # ---------------------------------------------------------------------------- the evaluations
 def run_perplexity(
     ckpt, data: str, out, every: int = 1, max_tokens: int | None = None, seq_len: int = 256, offsets: int = 32,
-    batch_size: int = 1, name: str | None = None, data_format: str = "auto", max_queries: int = 2048, model=None,
+    batch_size: int = 1, name: str | None = None, data_format: str = "auto", max_queries: int = 2048, model=None, command=None,
 ) -> Path:
     """Perplexity by position on ``data`` (file, folder or glob): perplexity-<name>.{json,md,png} in ``out``."""
     from .data import DataArgs, DataError, validation_batches
@@ -86,7 +84,7 @@ def run_perplexity(
                      "batch_size": batch_size, "sequences": result.num_sequences},
         "result": result.to_dict(), "seconds": time.perf_counter() - started,
     }
-    _write_json(out / f"perplexity-{name}.json", record)
+    _write_json(out / f"perplexity-{name}.json", record, command)
     (out / f"perplexity-{name}.md").write_text(result.table() + "\n")
     plot_position_eval(record["result"], out / f"perplexity-{name}.png", title=f"{name}: {Path(str(ckpt)).name}")
     print(f"perplexity by position on {name} ({result.num_points} points, every {every}):\n" + result.table())
@@ -96,7 +94,7 @@ def run_perplexity(
 def run_gsm8k(
     ckpt, data: str, out, shots: int = 8, train_file: str | None = None, cot: bool = False, limit: int | None = None,
     exemplar_seed: int | None = None, max_new_tokens: int = 256, conditions=(True, False), model=None,
-    batch_size: int = 8, async_delay: int | None = None,
+    batch_size: int = 8, async_delay: int | None = None, command=None,
 ) -> Path:
     """GSM8K accuracy: gsm8k-<shots>shot[-cot].json (summary) and .jsonl (every item) in ``out``."""
     from .data import DataError
@@ -127,13 +125,13 @@ def run_gsm8k(
                      "exemplar_seed": exemplar_seed, "max_new_tokens": max_new_tokens, "batch_size": batch_size,
                      "async_delay": async_delay},
         "result": result.to_dict(), "seconds": time.perf_counter() - started,
-    })
+    }, command)
     print(result.table())
     return out / f"{name}.json"
 
 
 def run_mc(ckpt, data: str, out, delimiter: str = " ", limit: int | None = None, name: str | None = None,
-           conditions=(True, False), model=None) -> Path:
+           conditions=(True, False), model=None, command=None) -> Path:
     """Multiple-choice accuracy: mc-<name>.json (summary) and .jsonl (log-likelihoods of every item) in ``out``."""
     from .evaluate import evaluate_mc, read_mc_items
 
@@ -147,14 +145,14 @@ def run_mc(ckpt, data: str, out, delimiter: str = " ", limit: int | None = None,
     _write_json(out / f"mc-{name}.json", {
         "kind": "mc", "name": name, "run": run_meta(lm, ckpt, conditions),
         "settings": {"data": data, "delimiter": delimiter, "limit": limit}, "result": result.to_dict(),
-    })
+    }, command)
     print(result.table())
     return out / f"mc-{name}.json"
 
 
 def run_harness_tasks(ckpt, tasks: list[str], out, include_path: str | None = None, limit: float | None = None,
                       num_fewshot: int | None = None, conditions=(True, False), local_tasks_only: bool = False,
-                      model=None) -> Path:
+                      model=None, command=None) -> Path:
     """lm-evaluation-harness tasks through the ``cacheaug`` model: harness.json in ``out``."""
     try:
         from .lm_eval_adapter import run_harness
@@ -170,7 +168,7 @@ def run_harness_tasks(ckpt, tasks: list[str], out, include_path: str | None = No
         "kind": "harness", "name": "harness", "run": run_meta(lm, ckpt, conditions),
         "settings": {"tasks": tasks, "include_path": include_path, "limit": limit, "num_fewshot": num_fewshot},
         "result": results,
-    })
+    }, command)
     print(json.dumps(results, indent=2))
     return Path(out) / "harness.json"
 
@@ -238,27 +236,27 @@ def add_report(verbs) -> None:
 def cmd_perplexity(args, extra) -> int:
     run_perplexity(args.ckpt, args.data, args.out, every=args.every, max_tokens=args.max_tokens, seq_len=args.seq_len,
                    offsets=args.offsets, batch_size=args.batch_size, name=args.name, data_format=args.format,
-                   max_queries=args.max_queries)
+                   max_queries=args.max_queries, command=args.command)
     return 0
 
 
 def cmd_gsm8k(args, extra) -> int:
     run_gsm8k(args.ckpt, args.data, args.out, shots=args.shots, train_file=args.train_file, cot=args.cot,
               limit=args.limit, exemplar_seed=args.exemplar_seed, max_new_tokens=args.max_new_tokens,
-              conditions=CONDITIONS[args.conditions], batch_size=args.batch_size, async_delay=args.async_delay)
+              conditions=CONDITIONS[args.conditions], batch_size=args.batch_size, async_delay=args.async_delay, command=args.command)
     return 0
 
 
 def cmd_mc(args, extra) -> int:
     run_mc(args.ckpt, args.data, args.out, delimiter=args.delimiter, limit=args.limit, name=args.name,
-           conditions=CONDITIONS[args.conditions])
+           conditions=CONDITIONS[args.conditions], command=args.command)
     return 0
 
 
 def cmd_harness(args, extra) -> int:
     limit = int(args.limit) if args.limit is not None and args.limit >= 1 else args.limit
     run_harness_tasks(args.ckpt, [t for t in args.tasks.split(",") if t], args.out, args.include_path, limit,
-                      args.num_fewshot, CONDITIONS[args.conditions], local_tasks_only=args.local_tasks_only)
+                      args.num_fewshot, CONDITIONS[args.conditions], local_tasks_only=args.local_tasks_only, command=args.command)
     return 0
 
 

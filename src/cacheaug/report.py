@@ -15,49 +15,6 @@ from .evaluate import TABLE_OFFSETS
 KINDS = ("perplexity", "gsm8k", "mc", "harness")
 
 
-_COMMAND_LINE: str | None = None  # the `cacheaug ...` command being run, set by cli.main
-
-
-def set_command_line(command: str | None) -> None:
-    global _COMMAND_LINE
-    _COMMAND_LINE = command
-
-
-def provenance(command: str | None = None) -> dict:
-    """What produced a result file: the command line (default: this process's), the git commit of this source
-    tree and whether the package's source had uncommitted changes, the machine and library versions."""
-    import os
-    import platform
-    import subprocess
-    import sys
-
-    import torch
-    import transformers
-
-    def git(*arguments: str) -> str | None:
-        try:
-            done = subprocess.run(["git", *arguments], capture_output=True, text=True, timeout=10,
-                                  cwd=Path(__file__).resolve().parent)
-        except (OSError, subprocess.SubprocessError):
-            return None
-        return done.stdout if done.returncode == 0 else None
-
-    # dirty: uncommitted changes to the package's own source (results written meanwhile do not count)
-    commit, status = git("rev-parse", "HEAD"), git("status", "--porcelain", "--untracked-files=no", "--", ".")
-    return {
-        "command": command or _COMMAND_LINE or " ".join(sys.argv),
-        "git_commit": commit.strip() if commit else None,
-        "git_dirty": bool(status.strip()) if status is not None else None,
-        "machine": {
-            "node": platform.node(), "processor": platform.processor() or platform.machine(), "cpus": os.cpu_count(),
-            "torch_threads": torch.get_num_threads(),
-            "cuda": torch.cuda.get_device_name() if torch.cuda.is_available() else None,
-        },
-        "versions": {"python": platform.python_version(), "torch": torch.__version__,
-                     "transformers": transformers.__version__},
-    }
-
-
 @dataclass
 class RunResults:
     """What one run folder holds: its label, what it is, and its evaluation files by kind and name."""

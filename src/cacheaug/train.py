@@ -21,18 +21,16 @@ import numpy as np
 import torch
 
 from . import checkpoint as ckpt
-from .config import ConfigError, RunConfig
+from .config import ConfigError, RunConfig, TrainArgs
 from .coprocessor import AugmentedLM
 from .data import build_training_data
 from .evaluate import AheadEval, evaluate_ahead
+from .errors import RunFolderError
 from .models import load_base
+from .outputs import JsonlWriter, write_json, write_text
 
 RUN_CONFIG_NAME = "run_config.json"
 METRICS_NAME = "metrics.jsonl"
-
-
-class RunFolderError(ValueError):
-    """The output folder holds another run and neither resume nor overwrite was asked for."""
 
 
 # ---------------------------------------------------------------------------- distributed seam
@@ -164,21 +162,6 @@ def prepare_output_dir(args, runtime: Runtime) -> Path | None:
     return None
 
 
-class MetricsLog:
-    """metrics.jsonl, one JSON object per line; on resume, lines past the resumed step are dropped."""
-
-    def __init__(self, path: Path, resume_step: int | None, enabled: bool):
-        self.path, self.enabled = path, enabled
-        if enabled and resume_step is not None and path.exists():
-            kept = [line for line in path.read_text().splitlines() if line and json.loads(line)["step"] <= resume_step]
-            path.write_text("".join(line + "\n" for line in kept))
-
-    def write(self, record: dict) -> None:
-        if self.enabled:
-            with self.path.open("a") as handle:
-                handle.write(json.dumps(record) + "\n")
-
-
 @dataclass
 class TrainResult:
     output_dir: Path
@@ -188,8 +171,10 @@ class TrainResult:
 
 
 # ---------------------------------------------------------------------------- the loop
-def train(config: RunConfig) -> TrainResult:
-    """Train a coprocessor as ``config`` says; resumable, interruptible (SIGINT saves a checkpoint)."""
+def train(config: RunConfig, command: str | None = None) -> TrainResult:
+    """Train a coprocessor as ``config`` says; resumable, interruptible (SIGINT saves a checkpoint).
+
+    ``command`` is recorded in the provenance of final_eval.json (default: this process's command line)."""
     args = config.train
     runtime = Runtime.from_environment()
     resume_from = prepare_output_dir(args, runtime)
@@ -235,7 +220,7 @@ def train(config: RunConfig) -> TrainResult:
         step = state["step"]
         if runtime.is_main:
             print(f"resumed from {resume_from} at step {step}", flush=True)
-    metrics = MetricsLog(out / METRICS_NAME, step if resume_from is not None else None, runtime.is_main)
+    metrics = JsonlWriter(out / METRICS_NAME, step if resume_from is not None else None, runtime.is_main)
     run_dict = config.to_dict()
 
     def save(at_step: int) -> None:
@@ -333,9 +318,9 @@ def train(config: RunConfig) -> TrainResult:
         return TrainResult(out, step, last_eval, interrupted=True)
     final = evaluate(step)
     if runtime.is_main:
-        (out / "final_eval.json").write_text(json.dumps({"step": step, **final.to_dict()}, indent=2) + "\n")
+        write_json(out / "final_eval.json", {"step": step, **final.to_dict()}, command)
         table = final.table()
-        (out / "final_table.md").write_text(table + "\n")
+        write_text(out / "final_table.md", table)
         print("\nAhead-token perplexity on validation, by offset after the latents:\n" + table, flush=True)
         plot_curves(out / METRICS_NAME, out / "curves.png")
     return TrainResult(out, step, final)
