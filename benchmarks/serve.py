@@ -26,19 +26,19 @@ import torch
 
 from cacheaug import AugmentedLM, CoprocessorConfig, load_base
 from cacheaug import cache as kv
-from cacheaug.corpus import arithmetic_problems
-from cacheaug.generate import TokenEvent, copy_state, feed_token, insert_latents, latents_for, prefill, stream
-from cacheaug.serve import BackgroundServer, create_app, run_load_test
+from cacheaug.checkpoint import load_checkpoint
+from cacheaug.data.arithmetic import arithmetic_problems
+from cacheaug.serving.loadtest import BackgroundServer, run_load_test
+from cacheaug.serving.server import create_app
+from cacheaug.state import copy_state, feed_token, insert_latents, latents_for, prefill
+from cacheaug.stream import TokenEvent, stream
 
 COT_SUFFIX = "\nLet's think step by step."
 
 
 def load_model(args):
     if args.ckpt:
-        from cacheaug.checkpoint import read_config
-
-        base, tokenizer = load_base(read_config(args.ckpt).base_model)
-        return AugmentedLM.from_pretrained(args.ckpt, base=base), tokenizer
+        return load_checkpoint(args.ckpt)
     base, tokenizer = load_base(args.model)
     return AugmentedLM(base, CoprocessorConfig(num_latents=args.num_latents)), tokenizer
 

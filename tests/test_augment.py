@@ -7,12 +7,13 @@ import torch
 
 from cacheaug import AugmentedLM, CoprocessorConfig
 from cacheaug import cache as kv
+from cacheaug.config import PAPER_RECIPE  # these tests recompute the paper's layout
 from cacheaug.generate import decode
 from conftest import VOCAB, make_base
 
 
 def _lm(arch: str, **config) -> AugmentedLM:
-    lm = AugmentedLM(make_base(arch), CoprocessorConfig(**{"num_latents": 4, **config}))
+    lm = AugmentedLM(make_base(arch), CoprocessorConfig(**{**PAPER_RECIPE, "num_latents": 4, **config}))
     generator = torch.Generator().manual_seed(2)
     with torch.no_grad():
         for parameter in lm.trainable_parameters():
@@ -139,7 +140,7 @@ def test_scratch_and_lora_initialisation():
     assert not torch.equal(scratch.coprocessor.stack.layers[0].mlp.up_proj.weight, base_weights)
     lora = AugmentedLM(make_base("llama"), CoprocessorConfig(lora_rank=4))
     trainable = [name for name, p in lora.coprocessor.named_parameters() if p.requires_grad]
-    assert "soft_tokens" in trainable and all("lora_" in n for n in trainable if n not in ("soft_tokens", "latent_scale"))
+    assert "soft_tokens" in trainable and all("lora_" in n for n in trainable if n not in ("soft_tokens", "latent_scale", "gate"))
     assert "trainable" in lora.trainable_summary()
 
 

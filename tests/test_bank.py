@@ -13,7 +13,8 @@ from safetensors.torch import load_file, save_file
 
 from cacheaug import AugmentedLM, CoprocessorConfig
 from cacheaug import cache as kv
-from cacheaug.bank import CacheBank
+from cacheaug.config import PAPER_RECIPE
+from cacheaug.serving.bank import CacheBank
 from cacheaug.generate import decode
 from conftest import VOCAB, make_base
 
@@ -21,7 +22,7 @@ NUM_LATENTS = 3
 
 
 def _lm(arch: str = "gemma3", seed: int = 2) -> AugmentedLM:
-    lm = AugmentedLM(make_base(arch), CoprocessorConfig(num_latents=NUM_LATENTS))
+    lm = AugmentedLM(make_base(arch), CoprocessorConfig(num_latents=NUM_LATENTS, **PAPER_RECIPE))
     generator = torch.Generator().manual_seed(seed)
     with torch.no_grad():
         for parameter in lm.trainable_parameters():
@@ -94,7 +95,7 @@ def test_bank_hit_equals_recomputation_and_is_a_copy(tmp_path):
 
 
 def test_queries_after_a_banked_context_equal_recomputation(tmp_path):
-    from cacheaug.generate import generate_text
+    from cacheaug.stream import generate_text
 
     lm, context = _lm("llama"), _ids(length=12)
     bank = CacheBank(tmp_path, lm)

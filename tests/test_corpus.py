@@ -11,7 +11,7 @@ from fractions import Fraction
 
 import pytest
 
-from cacheaug.corpus import (
+from cacheaug.data.arithmetic import (
     MAX_STEPS,
     MIN_STEPS,
     TRAIN_SEED,
@@ -93,6 +93,7 @@ def test_text_is_varied() -> None:
     assert len(verbs) > 40
 
 
+@pytest.mark.slow  # a wall-clock bound: outside the default run, which may share a loaded machine
 def test_generation_is_fast() -> None:
     start = time.perf_counter()
     docs = arithmetic_problems(10_000, TRAIN_SEED)

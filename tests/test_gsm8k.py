@@ -9,11 +9,10 @@ import pytest
 import torch
 
 from cacheaug import AugmentedLM, CoprocessorConfig, load_base
-from cacheaug import gsm8k
 from cacheaug.cli import main
-from cacheaug.corpus import render_document
-from cacheaug.evaluate import context_state, encode, generate_until
-from cacheaug.gsm8k import (
+from cacheaug.data.documents import render_document
+from cacheaug.eval import gsm8k
+from cacheaug.eval.gsm8k import (
     COT_TRIGGER,
     SharedPrefix,
     choose_exemplars,
@@ -24,6 +23,9 @@ from cacheaug.gsm8k import (
     question_prompt,
     same_number,
 )
+from cacheaug.eval.likelihood import encode
+from cacheaug.generate import generate_until
+from cacheaug.state import context_state
 from test_evaluate import trained_checkpoint
 
 SHARED = Path(__file__).resolve().parents[2] / "shared" / "data" / "gsm8k"  # ../shared/data, as in configs/
@@ -157,8 +159,9 @@ def _byte_vocab_base(arch: str):
 def test_batched_generation_equals_one_by_one(arch, recipe):
     # Padded rows of different lengths on the shared exemplar cache give the texts and logits of each prompt
     # decoded alone: plain, augmented, and with the latents delayed by 2 tokens (as the async Generation).
-    from cacheaug.evaluate import cut_at_stop, generate_until_batch, padded_batches_are_exact, padded_context_states
-    from cacheaug.generate import generate_text
+    from cacheaug.generate import cut_at_stop, generate_until_batch
+    from cacheaug.state import padded_batches_are_exact, padded_context_states
+    from cacheaug.stream import generate_text
     from cacheaug.models import byte_tokenizer
 
     tokenizer = byte_tokenizer()
@@ -189,14 +192,14 @@ def test_batched_generation_equals_one_by_one(arch, recipe):
         if delay is None:
             expected = [generate_until(lm, tokenizer, context_state(lm, ids, augment, shared), 14, stop) for ids in contexts]
         else:
-            from cacheaug.coprocessor import AugmentedCache
+            from cacheaug.state import AugmentedCache
 
             expected = []
             for ids in contexts:
                 context = AugmentedCache(shared, len(prefix), torch.zeros(1, 257))
                 expected.append(generate_text(
                     lm, torch.tensor([ids]), 14, augment="async", async_delay_tokens=delay, stop=stop,
-                    tokenizer=tokenizer, context=context,
+                    tokenizer=tokenizer, context=context, eos_token_id=tokenizer.eos_token_id,
                 ).text)
         assert got == expected, (augment, delay)
         if not augment:

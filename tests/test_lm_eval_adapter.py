@@ -13,8 +13,10 @@ pytest.importorskip("lm_eval")
 from lm_eval.api.instance import Instance  # noqa: E402
 
 from cacheaug.cli import main  # noqa: E402
-from cacheaug.evaluate import context_state, encode, evaluate_mc, generate_until  # noqa: E402
-from cacheaug.lm_eval_adapter import CacheAugLM, run_harness  # noqa: E402
+from cacheaug.eval.harness import CacheAugLM, run_harness  # noqa: E402
+from cacheaug.eval.likelihood import context_state, encode  # noqa: E402
+from cacheaug.eval.mc import evaluate_mc  # noqa: E402
+from cacheaug.generate import generate_until  # noqa: E402
 from test_evaluate import trained_checkpoint  # noqa: E402
 from test_mc import ITEMS, biased_lm  # noqa: E402
 

@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from cacheaug import AugmentedLM, CoprocessorConfig
-from cacheaug.generate import generate_text, stream
+from cacheaug.stream import generate_text, stream
 from cacheaug.masks import GATED_ATTENTION, block_attention_for
 from conftest import ARCHITECTURES, VOCAB, make_base
 from test_training_loss import POINT_SETS, assert_equivalent

@@ -7,9 +7,10 @@ import math
 from pathlib import Path
 
 from cacheaug.cli import main
-from cacheaug.evaluate import McEval, PositionEval
-from cacheaug.gsm8k import Gsm8kEval
-from cacheaug.report import load_run, write_report
+from cacheaug.eval.gsm8k import Gsm8kEval
+from cacheaug.eval.mc import McEval
+from cacheaug.eval.metrics import PositionEval
+from cacheaug.eval.report import load_run, write_report
 
 
 def _run_folder(root: Path, name: str, method: str, num_latents: int, gain: float, gsm8k: float | None) -> Path:

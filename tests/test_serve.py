@@ -12,7 +12,8 @@ from fastapi.testclient import TestClient
 
 from cacheaug import AugmentedLM, CoprocessorConfig, load_base
 from cacheaug.models import byte_tokenizer
-from cacheaug.serve import BackgroundServer, create_app, percentile, run_load_test
+from cacheaug.serving.loadtest import BackgroundServer, percentile, run_load_test
+from cacheaug.serving.server import create_app
 
 CHAT_TEMPLATE = (
     "{% for m in messages %}<{{ m['role'] }}>{{ m['content'] }}\n{% endfor %}"
@@ -205,20 +206,20 @@ def test_percentile():
 
 
 def test_serve_cli_loads_the_checkpoint(tmp_path, monkeypatch):
-    import cacheaug.serve
+    import cacheaug.serving.server
     from cacheaug.cli import main
 
     base, _ = load_base("tiny-random")
     AugmentedLM(base, CoprocessorConfig(num_latents=4)).save_pretrained(tmp_path / "ckpt")
     calls = []
-    monkeypatch.setattr(cacheaug.serve, "serve", lambda lm, tokenizer, **options: calls.append((lm, options)))
+    monkeypatch.setattr(cacheaug.serving.server, "serve", lambda lm, tokenizer, **options: calls.append((lm, options)))
     assert main(["serve", "--ckpt", str(tmp_path / "ckpt"), "--port", "8123"]) == 0
     lm, options = calls[0]
     assert lm.config.num_latents == 4 and options == {"host": "127.0.0.1", "port": 8123, "augment_timeout_s": 30.0}
 
 
 def test_chat_default_max_tokens_fill_the_context_with_room_for_latents(client):
-    from cacheaug.serve import ChatCompletionRequest
+    from cacheaug.serving.server import ChatCompletionRequest
 
     server = client.app.state.cacheaug
     messages = [{"role": "user", "content": "x"}]

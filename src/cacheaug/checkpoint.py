@@ -1,4 +1,8 @@
-"""Saving and loading coprocessor checkpoints: PEFT-style folders of the trainable part, written atomically."""
+"""Coprocessor checkpoints: PEFT-style folders of the trainable part, written atomically; one loader
+(:func:`load_checkpoint`), one reader of what a folder holds (:func:`describe`), and save/resume for the loop.
+
+Describing a checkpoint needs no torch: the CLI checks a folder before loading any model.
+"""
 
 from __future__ import annotations
 
@@ -6,14 +10,11 @@ import json
 import os
 import shutil
 import tempfile
+from dataclasses import dataclass
 from pathlib import Path
 
-import torch
-from safetensors import SafetensorError
-from safetensors.torch import load_file, save_file
-
-from .config import CoprocessorConfig, base_identity_from_config, identity_mismatches
-from .errors import CheckpointError
+from .config import INTERNAL_FIELDS, CoprocessorConfig, RunConfig, base_identity_from_config, identity_mismatches
+from .errors import CheckpointError, ConfigError, require_extra
 
 WEIGHTS_NAME = "coprocessor.safetensors"
 CONFIG_NAME = "cacheaug_config.json"
@@ -45,6 +46,8 @@ def atomic_directory(target: str | os.PathLike, write) -> Path:
 
 def _write_adapter(tmp: Path, weights: dict, config: CoprocessorConfig, extra: dict | None = None) -> None:
     """``coprocessor.safetensors`` (the trainable tensors by name) and ``cacheaug_config.json`` into ``tmp``."""
+    from safetensors.torch import save_file
+
     state = {name: t.detach().contiguous().cpu() for name, t in weights.items()}
     description = {
         "format_version": FORMAT_VERSION,
@@ -61,30 +64,83 @@ def save_adapter(lm, directory: str | os.PathLike, extra: dict | None = None) ->
     return atomic_directory(directory, lambda tmp: _write_adapter(tmp, lm.trainable_state_dict(), lm.config, extra))
 
 
-def read_config(directory: str | os.PathLike) -> CoprocessorConfig:
-    path = Path(directory) / CONFIG_NAME
+@dataclass
+class CheckpointInfo:
+    """What a checkpoint folder says about itself (its ``cacheaug_config.json``)."""
+
+    path: Path
+    config: CoprocessorConfig  # resolved, with the base model's identity
+    trainable_parameters: int
+    step: int | None  # None: saved by save_pretrained, not by a training run
+    run_config: RunConfig | None  # the training run that wrote it, when it still parses
+    description: dict  # the whole JSON
+
+    @property
+    def base_model(self) -> str | None:
+        return self.config.base_model
+
+
+def describe(directory: str | os.PathLike) -> CheckpointInfo:
+    """Read a checkpoint folder's description; a missing or damaged one is a CheckpointError naming the file."""
+    directory = Path(directory)
+    path = directory / CONFIG_NAME
     if not path.is_file():
-        raise CheckpointError(f"{directory} is not a cacheaug checkpoint: {CONFIG_NAME} is missing")
+        what = "does not exist" if not directory.exists() else f"is not a cacheaug checkpoint: {CONFIG_NAME} is missing"
+        raise CheckpointError(f"{directory} {what}")
     try:
         description = json.loads(path.read_text())
+        config = CoprocessorConfig.from_dict(description["coprocessor"])
     except json.JSONDecodeError as error:
         raise CheckpointError(f"{path} is not valid JSON ({error})") from None
-    return CoprocessorConfig.from_dict(description["coprocessor"])
+    except (KeyError, TypeError, ConfigError) as error:
+        raise CheckpointError(f"{path} does not describe a coprocessor ({type(error).__name__}: {error})") from None
+    return CheckpointInfo(directory, config, int(description.get("trainable_parameters", 0)), description.get("step"),
+                          _run_config(description.get("run_config")), description)
+
+
+def _run_config(stored: dict | None) -> RunConfig | None:
+    if not isinstance(stored, dict):
+        return None
+    stored = dict(stored)
+    stored["coprocessor"] = {k: v for k, v in stored.get("coprocessor", {}).items() if k not in INTERNAL_FIELDS}
+    try:
+        return RunConfig.from_dict(stored)
+    except ConfigError:
+        return None
+
+
+def read_config(directory: str | os.PathLike) -> CoprocessorConfig:
+    return describe(directory).config
+
+
+def run_config_from_checkpoint(directory: str | os.PathLike) -> RunConfig | None:
+    """The run config stored with a training checkpoint, when there is one."""
+    return describe(directory).run_config if (Path(directory) / CONFIG_NAME).is_file() else None
+
+
+def load_checkpoint(directory: str | os.PathLike, dtype: str = "float32", base=None):
+    """(AugmentedLM, tokenizer) from a checkpoint folder, on ``base`` (tokenizer None) or the base model it names.
+
+    The base's dimensions are checked against the ones the checkpoint records; the message says what differs.
+    """
+    from .coprocessor import AugmentedLM  # torch: only once a model is really loaded
+    from .models import load_base
+
+    info = describe(directory)
+    if info.config.lora_rank is not None:
+        require_extra("peft", "lora", "a LoRA coprocessor (lora_rank)")
+    tokenizer = None
+    if base is None:
+        base, tokenizer = load_base(info.base_model, dtype)
+    check_base_identity(info.config, base, directory)
+    lm = AugmentedLM(base, info.config)
+    load_trainable_weights(lm, Path(directory) / WEIGHTS_NAME)
+    return lm, tokenizer
 
 
 def load_adapter(directory: str | os.PathLike, base=None):
-    """Rebuild an AugmentedLM from a checkpoint folder, on ``base`` or on the base model it names."""
-    from .coprocessor import AugmentedLM
-
-    config = read_config(directory)
-    if base is None:
-        from .models import load_base
-
-        base, _ = load_base(config.base_model)
-    check_base_identity(config, base, directory)
-    lm = AugmentedLM(base, config)
-    load_trainable_weights(lm, Path(directory) / WEIGHTS_NAME)
-    return lm
+    """The AugmentedLM of a checkpoint folder (AugmentedLM.from_pretrained delegates here)."""
+    return load_checkpoint(directory, base=base)[0]
 
 
 def check_base_identity(config: CoprocessorConfig, base, directory) -> None:
@@ -99,6 +155,10 @@ def check_base_identity(config: CoprocessorConfig, base, directory) -> None:
 
 
 def load_trainable_weights(lm, path: Path) -> None:
+    import torch
+    from safetensors import SafetensorError
+    from safetensors.torch import load_file
+
     try:
         state = load_file(str(path))
     except FileNotFoundError:
@@ -126,12 +186,13 @@ def step_directory(output_dir: str | os.PathLike, step: int) -> Path:
     return Path(output_dir) / f"{STEP_PREFIX}{step:06d}"
 
 
-def save_training_checkpoint(
+def save_step(
     weights: dict, config: CoprocessorConfig, output_dir, step: int, trainer_state: dict, run_config: dict, keep_last: int
 ) -> Path:
     """``output_dir/step-NNNNNN/`` = adapter files + trainer_state.pt, written atomically; keep the last K.
 
     ``weights`` are the trainable tensors by name (whole tensors, gathered if they were sharded)."""
+    import torch
 
     def write(tmp: Path) -> None:
         _write_adapter(tmp, weights, config, {"step": step, "run_config": run_config})
@@ -144,16 +205,26 @@ def save_training_checkpoint(
     return target
 
 
+save_training_checkpoint = save_step  # its name in earlier versions
+
+
+def _step_number(folder: Path) -> int | None:
+    digits = folder.name[len(STEP_PREFIX):]
+    return int(digits) if folder.name.startswith(STEP_PREFIX) and digits.isdigit() else None
+
+
 def list_checkpoints(output_dir: str | os.PathLike) -> list[Path]:
     """Complete step folders, oldest first (temporary folders of an interrupted write are ignored)."""
     root = Path(output_dir)
     if not root.is_dir():
         return []
-    folders = [p for p in root.iterdir() if p.is_dir() and p.name.startswith(STEP_PREFIX) and p.name[5:].isdigit()]
-    return sorted((p for p in folders if (p / TRAINER_STATE_NAME).is_file()), key=lambda p: int(p.name[5:]))
+    folders = [p for p in root.iterdir() if p.is_dir() and _step_number(p) is not None]
+    return sorted((p for p in folders if (p / TRAINER_STATE_NAME).is_file()), key=_step_number)
 
 
 def load_trainer_state(checkpoint_dir: str | os.PathLike) -> dict:
+    import torch
+
     path = Path(checkpoint_dir) / TRAINER_STATE_NAME
     try:
         return torch.load(path, weights_only=True, map_location="cpu")
@@ -161,3 +232,12 @@ def load_trainer_state(checkpoint_dir: str | os.PathLike) -> dict:
         raise CheckpointError(f"{path} is missing: cannot resume from {checkpoint_dir}") from None
     except Exception as error:  # torch raises many types for a damaged pickle archive
         raise CheckpointError(f"{path} is damaged ({type(error).__name__}: {error})") from None
+
+
+def resume(lm, checkpoint_dir: str | os.PathLike) -> dict:
+    """Put a step folder's weights into ``lm`` (whole tensors: before any sharding) and return its trainer state
+    (optimizer, scheduler, data position, RNG), after checking it was made for ``lm``'s base."""
+    check_base_identity(read_config(checkpoint_dir), lm.base, checkpoint_dir)
+    state = load_trainer_state(checkpoint_dir)
+    load_trainable_weights(lm, Path(checkpoint_dir) / WEIGHTS_NAME)
+    return state

@@ -1,203 +1,448 @@
-"""Command line: parse and dispatch to importable functions, nothing else."""
+"""Command line: one table of verbs, each mapped to an importable function, with flags derived from the verb's
+dataclass in config.py (a field's comment is its help), so an option exists once. Every verb takes
+``--config FILE.yaml``; flags override it (``--section.key VALUE`` for the sections of a run config).
+
+Nothing heavy is imported before a verb runs: ``--help`` and bad arguments answer at once, and the inputs a
+verb names (config, checkpoint, data files) are checked before any model loads. Every bad input prints one
+line, ``cacheaug VERB: error: ...``, and exits 2.
+"""
 
 from __future__ import annotations
 
 import argparse
-import json
+import dataclasses
+import functools
+import inspect
+import logging
+import re
 import shlex
 import sys
+import types
+import typing
+from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
 
-import yaml
+from . import config as cfg
+from .config import (
+    INTERNAL_FIELDS, AheadArgs, BankAddArgs, GenerateArgs, Gsm8kArgs, HarnessArgs, InfoArgs, McArgs, PerplexityArgs,
+    ReportArgs, RunConfig, ServeArgs,
+)
+from .errors import CacheaugError, ConfigError, DataError, InputError, require_extra
 
-from .errors import CacheaugError, ConfigError, DataError
-from .eval_cli import add_eval_tasks, add_report
-
-
-def parse_overrides(tokens: list[str]) -> dict:
-    """["--train.max_steps", "20", "--data.seq_len=128"] -> {"train.max_steps": 20, "data.seq_len": 128}."""
-    overrides, index = {}, 0
-    while index < len(tokens):
-        token = tokens[index]
-        if not token.startswith("--") or "." not in token:
-            raise ConfigError(f"unexpected argument {token!r}; overrides look like --section.key value")
-        key = token[2:]
-        if "=" in key:
-            key, raw = key.split("=", 1)
-            index += 1
-        elif index + 1 < len(tokens):
-            raw = tokens[index + 1]
-            index += 2
-        else:
-            raise ConfigError(f"override {token} has no value")
-        overrides[key] = yaml.safe_load(raw)
-    return overrides
+# ---------------------------------------------------------------------------- what each verb does
+# Each takes its parsed arguments (a config dataclass) and the command line (recorded as provenance).
 
 
-def cmd_train(args, extra: list[str]) -> int:
-    from .config import load_run_config
+def run_train(config: RunConfig, command: str) -> int:
+    from .data.sources import check_source
+
+    check_source(config.data.source)
+    if config.data.validation_source:
+        check_source(config.data.validation_source)
     from .train import train
 
-    overrides = parse_overrides(extra)
-    if args.resume:
-        overrides["train.resume"] = True
-    if args.overwrite:
-        overrides["train.overwrite"] = True
-    result = train(load_run_config(args.config, overrides), command=args.command)
-    return 130 if result.interrupted else 0
+    return 130 if train(config, command=command).interrupted else 0
 
 
-def _load_checkpoint(path: str):
-    from .checkpoint import read_config
-    from .coprocessor import AugmentedLM
-    from .models import load_base
+def run_eval(task: str) -> Callable[..., int]:
+    def run(args, command: str) -> int:
+        from .eval.run import TASKS
 
-    config = read_config(path)
-    base, tokenizer = load_base(config.base_model)
-    return AugmentedLM.from_pretrained(path, base=base), tokenizer
+        TASKS[task](args, command=command)
+        return 0
 
-
-def cmd_eval(args, extra: list[str]) -> int:
-    from .data import DataArgs, validation_batches
-    from .evaluate import evaluate_ahead
-    from .train import run_config_from_checkpoint
-
-    if not args.ckpt:
-        raise ConfigError("--ckpt is required (or name a task: cacheaug eval {perplexity,gsm8k,mc,harness} ...)")
-    lm, tokenizer = _load_checkpoint(args.ckpt)
-    run = run_config_from_checkpoint(args.ckpt)
-    data_args = run.data if run is not None else DataArgs()
-    overrides = {"source": args.data} if args.data else {}
-    if args.seq_len:
-        overrides["seq_len"] = args.seq_len
-    data_args = DataArgs(**{**data_args.__dict__, **overrides})
-    batches = validation_batches(data_args, tokenizer, args.batch_size, max_batches=args.batches)
-    if not batches:
-        raise DataError(f"no validation data from {data_args.source!r}")
-    result = evaluate_ahead(lm, batches)
-    print(result.table())
-    if args.json:
-        Path(args.json).write_text(json.dumps(result.to_dict(), indent=2) + "\n")
-    return 0
+    return run
 
 
-def cmd_generate(args, extra: list[str]) -> int:
-    lm, tokenizer = _load_checkpoint(args.ckpt)
+def run_generate(args: GenerateArgs, command: str) -> int:
+    from .checkpoint import describe, load_checkpoint
+
+    if not args.prompt.strip():
+        raise InputError("--prompt is empty")
+    describe(args.ckpt)
+    lm, tokenizer = load_checkpoint(args.ckpt, args.dtype)
     input_ids = tokenizer(args.prompt, return_tensors="pt").input_ids
+    context = lm.base.config.get_text_config().max_position_embeddings
+    latents = lm.config.num_latents if args.augment else 0
     if input_ids.shape[1] == 0:
-        raise ConfigError("--prompt is empty")
+        raise InputError("--prompt is empty after tokenization")
+    if input_ids.shape[1] + latents + args.max_new_tokens > context:
+        raise InputError(f"the prompt ({input_ids.shape[1]} tokens) + latents ({latents}) + --max-new-tokens "
+                         f"({args.max_new_tokens}) exceed the model's context of {context} positions")
     output = lm.generate(
-        input_ids, args.max_new_tokens, augment=not args.no_augment, do_sample=args.sample,
+        input_ids.to(lm.device), args.max_new_tokens, augment=args.augment, do_sample=args.sample,
         temperature=args.temperature, top_p=args.top_p, seed=args.seed, eos_token_id=tokenizer.eos_token_id,
     )
     print(tokenizer.decode(output[0, input_ids.shape[1]:], skip_special_tokens=True))
     return 0
 
 
-def cmd_info(args, extra: list[str]) -> int:
-    from .checkpoint import CONFIG_NAME, read_config
+def run_serve(args: ServeArgs, command: str) -> int:
+    from .checkpoint import describe, load_checkpoint
 
-    config = read_config(args.dir)
-    description = json.loads((Path(args.dir) / CONFIG_NAME).read_text())
-    print(f"checkpoint        {args.dir}")
-    print(f"base model        {config.base_model} ({config.base_identity.get('model_type')}, "
-          f"hidden {config.base_identity.get('hidden_size')}, {config.base_identity.get('num_hidden_layers')} layers)")
-    print(f"trainable params  {description.get('trainable_parameters', 0) / 1e6:.2f}M")
-    if "step" in description:
-        print(f"step              {description['step']}")
-    for key, value in config.to_dict().items():
-        if key not in ("base_model", "base_identity"):
-            print(f"{key:17s} {value}")
+    for module in ("fastapi", "uvicorn"):
+        require_extra(module, "serve", "cacheaug serve")
+    describe(args.ckpt)
+    from .serving import server
+
+    lm, tokenizer = load_checkpoint(args.ckpt, args.dtype)
+    server.serve(lm, tokenizer, host=args.host, port=args.port, augment_timeout_s=args.augment_timeout)
     return 0
 
 
-def cmd_serve(args, extra: list[str]) -> int:
-    from .serve import serve
+def run_bank_add(args: BankAddArgs, command: str) -> int:
+    from .checkpoint import describe, load_checkpoint
 
-    lm, tokenizer = _load_checkpoint(args.ckpt)
-    serve(lm, tokenizer, host=args.host, port=args.port, augment_timeout_s=args.augment_timeout)
-    return 0
-
-
-def cmd_bank_add(args, extra: list[str]) -> int:
-    from .bank import CacheBank
+    for file in args.files:
+        if not Path(file).is_file():
+            raise DataError(f"{file} does not exist (bank add takes text files)")
+    describe(args.ckpt)
     from .models import cache_home
+    from .serving.bank import CacheBank
 
-    lm, tokenizer = _load_checkpoint(args.ckpt)
+    lm, tokenizer = load_checkpoint(args.ckpt, args.dtype)
     bank = CacheBank(args.root or cache_home() / "bank", lm, tokenizer)
     for file in args.files:
         try:
             entry = bank.add_text(Path(file).read_text())
-        except ValueError as error:  # empty or longer than the model's context
-            raise ConfigError(f"{file}: {error}") from None
+        except InputError as error:  # empty or longer than the model's context
+            raise InputError(f"{file}: {error}") from None
         print(f"{file}: {entry.num_tokens} tokens, {entry.status} -> {entry.path}")
     return 0
 
 
-def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="cacheaug", description="Differentiable cache augmentation (arXiv 2412.17747).")
-    verbs = parser.add_subparsers(dest="verb", required=True)
+def run_report(args: ReportArgs, command: str) -> int:
+    from .eval.report import write_report
 
-    train = verbs.add_parser("train", help="train a coprocessor; extra --section.key value pairs override the config")
-    train.add_argument("--config", help="YAML run config (configs/*.yaml)")
-    train.add_argument("--resume", action="store_true", help="continue the run in the output folder")
-    train.add_argument("--overwrite", action="store_true", help="replace the run in the output folder")
-    train.set_defaults(func=cmd_train)
+    path = write_report(args.runs, args.out)
+    print(path.read_text())
+    print(f"wrote {path}")
+    return 0
 
-    evaluate = verbs.add_parser("eval", help="ahead-token loss with and without augmentation for a checkpoint")
-    evaluate.add_argument("--ckpt", help="checkpoint folder")
-    evaluate.add_argument("--data", help="validation source (default: the run's own)")
-    evaluate.add_argument("--seq-len", type=int)
-    evaluate.add_argument("--batches", type=int, default=8)
-    evaluate.add_argument("--batch-size", type=int, default=4)
-    evaluate.add_argument("--json", help="also write the result here")
-    evaluate.set_defaults(func=cmd_eval)
-    add_eval_tasks(evaluate)  # eval perplexity|gsm8k|mc|harness
-    add_report(verbs)
 
-    generate = verbs.add_parser("generate", help="decode from a prompt, augmented by a checkpoint")
-    generate.add_argument("--ckpt", required=True)
-    generate.add_argument("--prompt", required=True)
-    generate.add_argument("--no-augment", action="store_true", help="decode with the plain base")
-    generate.add_argument("--max-new-tokens", type=int, default=64)
-    generate.add_argument("--sample", action="store_true")
-    generate.add_argument("--temperature", type=float, default=1.0)
-    generate.add_argument("--top-p", type=float, default=1.0)
-    generate.add_argument("--seed", type=int)
-    generate.set_defaults(func=cmd_generate)
+def run_info(args: InfoArgs, command: str) -> int:
+    from .checkpoint import describe
 
-    serve = verbs.add_parser("serve", help="OpenAI-compatible HTTP server (completions, chat, SSE) for a checkpoint")
-    serve.add_argument("--ckpt", required=True)
-    serve.add_argument("--host", default="127.0.0.1")
-    serve.add_argument("--port", type=int, default=8000)
-    serve.add_argument("--augment-timeout", type=float, default=30.0, help="seconds the coprocessor may take")
-    serve.set_defaults(func=cmd_serve)
+    info = describe(args.dir)
+    identity = info.config.base_identity
+    print(f"checkpoint        {args.dir}")
+    print(f"base model        {info.base_model} ({identity.get('model_type')}, "
+          f"hidden {identity.get('hidden_size')}, {identity.get('num_hidden_layers')} layers)")
+    print(f"trainable params  {info.trainable_parameters / 1e6:.2f}M")
+    if info.step is not None:
+        print(f"step              {info.step}")
+    for key, value in info.config.to_dict().items():
+        if key not in INTERNAL_FIELDS:
+            print(f"{key:17s} {value}")
+    return 0
 
-    bank = verbs.add_parser("bank", help="cache bank: contexts augmented once, stored, reused")
-    bank_verbs = bank.add_subparsers(dest="bank_verb", required=True)
-    bank_add = bank_verbs.add_parser("add", help="augment text files and store their caches")
-    bank_add.add_argument("--ckpt", required=True)
-    bank_add.add_argument("--root", help="bank folder (default: $CACHEAUG_HOME/bank)")
-    bank_add.add_argument("files", nargs="+")
-    bank_add.set_defaults(func=cmd_bank_add)
 
-    info = verbs.add_parser("info", help="config, base model and trainable parameters of a checkpoint")
-    info.add_argument("dir")
-    info.set_defaults(func=cmd_info)
+@dataclass
+class Verb:
+    args: type  # the dataclass its flags come from
+    help: str
+    run: Callable[..., int]
+
+
+VERBS: dict[str, Verb | dict[str, Verb]] = {
+    "train": Verb(RunConfig, "train a coprocessor (a YAML run config and/or --section.key overrides)", run_train),
+    "eval": {
+        "ahead": Verb(AheadArgs, "ahead-token loss by offset, with vs without latents (`eval --ckpt DIR` also)",
+                      run_eval("ahead")),
+        "perplexity": Verb(PerplexityArgs, "perplexity of the k-th token after latents inserted every few tokens",
+                           run_eval("perplexity")),
+        "gsm8k": Verb(Gsm8kArgs, "GSM8K accuracy, greedy, latents once at the end of the prompt", run_eval("gsm8k")),
+        "mc": Verb(McArgs, 'multiple choice by log-likelihood; JSONL rows {"context", "choices", "gold"}',
+                   run_eval("mc")),
+        "harness": Verb(HarnessArgs, "lm-evaluation-harness tasks with the cacheaug model", run_eval("harness")),
+    },
+    "generate": Verb(GenerateArgs, "decode from a prompt, augmented by a checkpoint", run_generate),
+    "serve": Verb(ServeArgs, "OpenAI-compatible HTTP server (completions, chat, SSE) for a checkpoint", run_serve),
+    "bank": {"add": Verb(BankAddArgs, "augment text files once and store their caches", run_bank_add)},
+    "report": Verb(ReportArgs, "Markdown tables and plots comparing evaluated run folders", run_report),
+    "info": Verb(InfoArgs, "config, base model and trainable parameters of a checkpoint", run_info),
+}
+GROUP_HELP = {"eval": "evaluate a checkpoint: ahead | perplexity | gsm8k | mc | harness",
+              "bank": "cache bank: contexts augmented once, stored, reused"}
+SHORTCUTS = {"train.resume": "--resume", "train.overwrite": "--overwrite"}  # train's flags of old
+
+# ---------------------------------------------------------------------------- flags from dataclass fields
+
+
+class UsageError(ConfigError):
+    """A command line argparse refuses (unknown option, bad value, missing argument)."""
+
+
+class Parser(argparse.ArgumentParser):
+    """argparse, but an error is one line raised to main (not usage text and exit); no abbreviated options."""
+
+    def __init__(self, *args, **kwargs):
+        kwargs.setdefault("allow_abbrev", False)
+        super().__init__(*args, **kwargs)
+
+    def error(self, message: str):
+        raise UsageError(message)
+
+
+@functools.lru_cache(maxsize=None)
+def _source_lines(path: str) -> tuple[str, ...]:
+    return tuple(Path(path).read_text().splitlines())
+
+
+def _class_body(klass: type) -> list[str]:
+    """The lines of a class statement (inspect.getsource, minus its parse of the whole module: fast)."""
+    try:
+        lines = _source_lines(inspect.getsourcefile(klass))
+    except (OSError, TypeError):
+        return []
+    start = next((i for i, line in enumerate(lines) if re.match(rf"class {klass.__name__}\b", line)), None)
+    if start is None:
+        return []
+    body = []
+    for line in lines[start + 1:]:
+        if line and not line[0].isspace():
+            break
+        body.append(line)
+    return body
+
+
+def field_comments(cls: type) -> dict[str, str]:
+    """Each field's comment in the class source (the lines above it and its end-of-line comment)."""
+    comments: dict[str, str] = {}
+    for klass in reversed(cls.__mro__):
+        if not dataclasses.is_dataclass(klass):
+            continue
+        pending: list[str] = []
+        for line in _class_body(klass):
+            stripped = line.strip()
+            if stripped.startswith("#"):
+                pending.append(stripped[1:].strip())
+                continue
+            match = re.match(r"    (\w+)\s*:", line)
+            if match:
+                inline = line.partition("  # ")[2].strip()
+                text = " ".join(pending + ([inline] if inline else []))
+                if text:
+                    comments[match.group(1)] = text
+            pending = []
+    return comments
+
+
+def _plain_type(hint) -> tuple[type, bool]:
+    """(the type, whether None is allowed) of a field annotation such as ``int | None``."""
+    if isinstance(hint, types.UnionType) or typing.get_origin(hint) is typing.Union:
+        members = [arg for arg in typing.get_args(hint) if arg is not type(None)]
+        return members[0], len(members) < len(typing.get_args(hint))
+    return hint, False
+
+
+def _converter(kind: type, optional: bool) -> Callable[[str], object]:
+    def convert(raw: str):
+        if optional and raw.strip().lower() in ("null", "~"):  # as YAML spells None
+            return None
+        if kind is bool:
+            if raw.strip().lower() in ("1", "true", "yes", "on"):
+                return True
+            if raw.strip().lower() in ("0", "false", "no", "off"):
+                return False
+            raise argparse.ArgumentTypeError(f"expected true or false, got {raw!r}")
+        if kind in (int, float):
+            try:
+                return kind(raw)
+            except ValueError:
+                word = "an integer" if kind is int else "a number"
+                raise argparse.ArgumentTypeError(f"expected {word}, got {raw!r}") from None
+        return raw
+
+    return convert
+
+
+def _help(comment: str, default, required: bool) -> str:
+    text = comment or ""
+    if required:
+        text += " (required)"
+    elif isinstance(default, bool):
+        text += f" (default: {'on' if default else 'off'})"
+    elif default not in (None, dataclasses.MISSING, [], ""):
+        text += f" (default: {default!r})" if isinstance(default, str) and default.strip() != default else f" (default: {default})"
+    return text.strip().replace("%", "%%")
+
+
+def add_dataclass_arguments(parser: argparse.ArgumentParser, cls: type, prefix: str = "") -> None:
+    """One flag per field of ``cls``: ``--name`` (kebab case) at the top, ``--section.name`` in sections."""
+    hints = typing.get_type_hints(cls)
+    comments = field_comments(cls)
+    group = parser if not prefix else parser.add_argument_group(f"{prefix[:-1]} section (--{prefix}KEY VALUE)")
+    for f in dataclasses.fields(cls):
+        if f.name in INTERNAL_FIELDS:
+            continue
+        kind, optional = _plain_type(hints[f.name])
+        dest = prefix + f.name
+        if dataclasses.is_dataclass(kind):
+            add_dataclass_arguments(parser, kind, prefix=f"{dest}.")
+            continue
+        default = f.default_factory() if f.default_factory is not dataclasses.MISSING else f.default
+        help_text = _help(comments.get(f.name, ""), default, f.metadata.get("required", False))
+        if f.metadata.get("positional"):
+            many = typing.get_origin(kind) is list
+            group.add_argument(dest, nargs="*" if many else "?", default=argparse.SUPPRESS, help=help_text,
+                               metavar=f.name.upper())
+            continue
+        kebab = f.name.replace("_", "-")
+        names = [f"--{dest}"] if prefix else [f"--{kebab}"]
+        hidden = [f"--{dest}"] if not prefix and "_" in f.name else []  # the YAML spelling works too
+        names += [SHORTCUTS[dest]] if dest in SHORTCUTS else []
+        common = dict(dest=dest, default=argparse.SUPPRESS)
+        if kind is bool:  # --flag, --flag VALUE (true/false), --no-flag
+            positive = dict(nargs="?", const=True, type=_converter(bool, False), metavar="BOOL", **common)
+            group.add_argument(*names, help=help_text if default is not True else argparse.SUPPRESS, **positive)
+            negative = f"--{prefix}no_{f.name}" if prefix else f"--no-{kebab}"
+            group.add_argument(negative, action="store_const", const=False,
+                               help=help_text if default is True else argparse.SUPPRESS, **common)
+            if hidden:
+                group.add_argument(*hidden, help=argparse.SUPPRESS, **positive)
+            continue
+        value = dict(type=_converter(kind, optional), metavar=f.name.upper(), **common)
+        group.add_argument(*names, help=help_text, **value)
+        if hidden:
+            group.add_argument(*hidden, help=argparse.SUPPRESS, **value)
+
+
+CONFIG_HELP = ("a YAML file of these options (keys as the option names, with underscores; sections as mappings); "
+               "flags given as well override it")
+
+
+def _add_verb(subparsers, name: str, verb: Verb, path: str, flags: bool = True) -> None:
+    doc = (verb.args.__doc__ or "").strip()
+    epilog = None
+    if verb.args is RunConfig:
+        epilog = ("Every key of the run config is a flag, --section.key VALUE (e.g. --train.max_steps 20 "
+                  "--data.seq_len 128 --coprocessor.num_latents 4), applied over --config. Without --config, "
+                  "give at least --model and --train.output_dir.")
+    parser = subparsers.add_parser(name, help=verb.help, description=doc, epilog=epilog,
+                                   formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--config", metavar="FILE.yaml", help=CONFIG_HELP, default=None)
+    if flags:
+        add_dataclass_arguments(parser, verb.args)
+    parser.set_defaults(_verb=path)
+
+
+def build_parser(argv: list[str] | None = None) -> argparse.ArgumentParser:
+    """The whole command line; given ``argv``, only the verb it names gets its flags (start-up stays fast)."""
+    words = [token for token in argv or [] if not token.startswith("-")][:2]
+    parser = Parser(prog="cacheaug", description="Differentiable cache augmentation (arXiv 2412.17747).",
+                    epilog="Each verb has its own --help; every one takes --config FILE.yaml.")
+    verbs = parser.add_subparsers(dest="_top", metavar="VERB", required=True)
+    for name, entry in VERBS.items():
+        wanted = argv is None or (words[:1] == [name])
+        if isinstance(entry, Verb):
+            _add_verb(verbs, name, entry, name, flags=wanted)
+            continue
+        group = verbs.add_parser(name, help=GROUP_HELP[name], description=GROUP_HELP[name])
+        inner = group.add_subparsers(dest=f"_{name}", metavar="TASK", required=True)
+        for task, verb in entry.items():
+            _add_verb(inner, task, verb, f"{name} {task}", flags=wanted and (argv is None or words[1:2] == [task]))
     return parser
 
 
+def parse_overrides(tokens: list[str], cls: type = RunConfig) -> dict:
+    """Flags of ``cls`` -> {dotted key: typed value}: ["--train.max_steps", "20"] -> {"train.max_steps": 20}."""
+    parser = Parser(prog="cacheaug")
+    add_dataclass_arguments(parser, cls)
+    namespace, extra = parser.parse_known_args(tokens)
+    if extra:
+        raise _unknown("train", extra) if cls is RunConfig else UsageError(f"unknown option {extra[0]}")
+    return vars(namespace)
+
+
+def _verb(path: str) -> Verb:
+    entry = VERBS[path.split()[0]]
+    return entry if isinstance(entry, Verb) else entry[path.split()[1]]
+
+
+def _flags(verb: Verb) -> set[str]:
+    probe = Parser()
+    add_dataclass_arguments(probe, verb.args)
+    return {option for action in probe._actions for option in action.option_strings}
+
+
+def _unknown(path: str, extra: list[str]) -> ConfigError:
+    """The one-line error for arguments the verb does not take, naming the verbs an option belongs to."""
+    token = extra[0]
+    if not token.startswith("-"):
+        return UsageError(f"unexpected argument {token!r}")
+    option = token.split("=", 1)[0]
+    verb = _verb(path)
+    if verb.args is RunConfig and "." in option:  # an unknown key of a run-config section
+        section, _, key = option[2:].partition(".")
+        sections = {f.name: f.type for f in dataclasses.fields(RunConfig)}
+        hints = typing.get_type_hints(RunConfig)
+        if section in sections and dataclasses.is_dataclass(hints[section]):
+            known = sorted(f.name for f in dataclasses.fields(hints[section]))
+            return ConfigError(f"unknown config key(s) ['{section}.{key}']; known {section} keys: {known}")
+        return ConfigError(f"unknown config key(s) ['{option[2:]}']; known top-level keys: {sorted(sections)}")
+    owners = []
+    for name, entry in VERBS.items():
+        for sub, other in ([(None, entry)] if isinstance(entry, Verb) else entry.items()):
+            label = name if sub is None else f"{name} {sub}"
+            if label != path and option in _flags(other):
+                owners.append(label)
+    if owners:
+        return UsageError(f"{option} is an option of {', '.join('cacheaug ' + o for o in owners)}, not of cacheaug {path}")
+    return UsageError(f"unknown option {option} (see cacheaug {path} --help)")
+
+
+def _normalise(argv: list[str]) -> list[str]:
+    """`cacheaug eval --ckpt DIR ...` is the ahead task, as in earlier versions."""
+    if len(argv) >= 2 and argv[0] == "eval" and argv[1].startswith("-") and argv[1] not in ("-h", "--help"):
+        return ["eval", "ahead", *argv[1:]]
+    return argv
+
+
+def parse(argv: list[str]) -> tuple[str, object]:
+    """(verb path such as "eval gsm8k", its validated arguments) for a command line."""
+    argv = _normalise(argv)
+    namespace, extra = build_parser(argv).parse_known_args(argv)
+    path = namespace._verb
+    if extra:
+        raise _unknown(path, extra)
+    given = {key: value for key, value in vars(namespace).items() if not key.startswith("_") and key != "config"}
+    verb = _verb(path)
+    if verb.args is RunConfig and namespace.config is None and not {"model", "train.output_dir"} <= set(given):
+        raise UsageError("nothing to train: pass --config FILE.yaml (see configs/), or at least --model NAME and "
+                         "--train.output_dir DIR")
+    return path, cfg.load_args(verb.args, namespace.config, given)
+
+
+def _one_line(error: BaseException) -> str:
+    return "; ".join(line.strip() for line in str(error).splitlines() if line.strip()) or type(error).__name__
+
+
 def main(argv: list[str] | None = None) -> int:
-    parser = build_parser()
-    args, extra = parser.parse_known_args(argv)
-    args.command = shlex.join(["cacheaug", *(sys.argv[1:] if argv is None else argv)])  # for result files
-    if extra and args.verb != "train":
-        parser.error(f"unrecognized arguments: {' '.join(extra)}")
+    argv = list(sys.argv[1:] if argv is None else argv)
+    command = shlex.join(["cacheaug", *argv])  # recorded in the result files
+    words = [token for token in _normalise(argv) if not token.startswith("-")][:2]
+    verb = " ".join(words if words and isinstance(VERBS.get(words[0]), dict) else words[:1])
+    verb = verb if words and words[0] in VERBS else ""
     try:
-        return args.func(args, extra)
+        path, args = parse(argv)
+        verb = path
+        _log_to_stderr()
+        return _verb(path).run(args, command)
     except (CacheaugError, FileNotFoundError) as error:
-        print(f"cacheaug {args.verb}: error: {error}", file=sys.stderr)
+        print(f"{'cacheaug ' + verb if verb else 'cacheaug'}: error: {_one_line(error)}", file=sys.stderr)
         return 2
+
+
+def _log_to_stderr() -> None:
+    """cacheaug's log messages (bank rejections, ...) on stderr, once a verb runs."""
+    logger = logging.getLogger("cacheaug")
+    if not logger.handlers:
+        handler = logging.StreamHandler(sys.stderr)
+        handler.setFormatter(logging.Formatter("cacheaug: %(message)s"))
+        logger.addHandler(handler)
+        logger.setLevel(logging.INFO)
 
 
 if __name__ == "__main__":

@@ -58,7 +58,7 @@ class CoprocessorConfig:
     latent_gate: bool = True
     # "vocab": embeddings of random vocabulary tokens; "random": Gaussian at the embedding scale (paper-like).
     soft_token_init: str = "vocab"
-    # Filled by resolve(): who the coprocessor was built for.
+    # Filled by resolve(): who the coprocessor was built for (INTERNAL_FIELDS: no flags, not in a run config).
     base_model: str | None = None
     base_identity: dict[str, Any] = field(default_factory=dict)
 
@@ -122,6 +122,8 @@ class CoprocessorConfig:
     def to_json(self) -> str:
         return json.dumps(self.to_dict(), indent=2, sort_keys=True)
 
+
+INTERNAL_FIELDS = ("base_model", "base_identity")
 
 # Dimensions that must agree for a coprocessor to run on a base model.
 IDENTITY_KEYS = (

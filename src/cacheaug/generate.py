@@ -1,34 +1,21 @@
-"""Decoding from a (possibly augmented) base cache: greedy and sampled, batched or streamed, with the
-coprocessor run before decoding (sync), beside it in a background thread (async, arXiv 2412.17747 appendix
-A.5), or again every k generated tokens."""
+"""Decoding from a decode state: ONE batched loop, greedy or sampled, in which rows leave the batch when they are
+done and latents pending in the state go in after their delay, with two front-ends: token ids (:func:`decode`)
+and texts cut before a stop string (:func:`generate_until`). Streaming (stream.py) runs the same loop.
+"""
 
 from __future__ import annotations
 
 import contextlib
-import threading
-import time
 from collections.abc import Callable, Iterator
-from concurrent.futures import Future
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 import torch
 
-from . import cache as kv
-from .state import AugmentedCache, compute_latents, copy_state, feed_token, insert_latents, prefill
+from .errors import InputError
+from .state import DecodeState, base_of, feed_token, insert_latents, select_rows
 
-__all__ = [
-    "AUGMENT_MODES", "AugmentedCache", "Completion", "DecodeOutput", "FinishEvent", "Generation", "LatentsWorker",
-    "TextStream", "TokenEvent", "copy_state", "decode", "feed_token", "generate_text", "insert_latents",
-    "latents_for", "next_token", "prefill", "stream",
-]
-
-AUGMENT_MODES = ("off", "sync", "async")
-
-
-@dataclass
-class DecodeOutput:
-    tokens: torch.Tensor  # (B, n) generated token ids
-    logits: torch.Tensor  # (B, n, V) the logits each token was chosen from
+__all__ = ["DecodeLoop", "DecodeOutput", "Step", "StopStrings", "cut_at_stop", "decode", "generate_until",
+           "generate_until_batch", "next_token"]
 
 
 def next_token(
@@ -38,7 +25,7 @@ def next_token(
     if not do_sample:
         return logits.argmax(dim=-1)
     if temperature <= 0:
-        raise ValueError(f"temperature must be > 0 when sampling, got {temperature}")
+        raise InputError(f"temperature must be > 0 when sampling, got {temperature}")
     probs = torch.softmax(logits.float() / temperature, dim=-1)
     if top_p < 1.0:
         sorted_probs, order = probs.sort(dim=-1, descending=True)
@@ -49,14 +36,120 @@ def next_token(
     return torch.multinomial(probs, 1, generator=generator)[:, 0]
 
 
-def _generator(seed: int | None, device: torch.device) -> torch.Generator | None:
+def generator_for(seed: int | None, device: torch.device) -> torch.Generator | None:
     return None if seed is None else torch.Generator(device=device).manual_seed(seed)
+
+
+class StopStrings:
+    """The one stop-string matcher: where a text first meets a stop string, and how much of its tail could
+    still become one (text streamed out must hold that back)."""
+
+    def __init__(self, stop=()):
+        self.stop = [s for s in ([stop] if isinstance(stop, str) else stop or ()) if s]
+
+    def find(self, text: str, start: int = 0) -> int:
+        """Index of the earliest stop string in ``text`` at or after ``start``; -1 when there is none."""
+        hits = [i for i in (text.find(s, start) for s in self.stop) if i >= 0]
+        return min(hits) if hits else -1
+
+    def cut(self, text: str) -> str:
+        """``text`` before its earliest stop string."""
+        index = self.find(text)
+        return text if index < 0 else text[:index]
+
+    def held(self, pending: str) -> int:
+        """Length of the longest tail of ``pending`` that is a proper prefix of a stop string."""
+        longest = max((len(s) for s in self.stop), default=1) - 1
+        for size in range(min(len(pending), longest), 0, -1):
+            if any(s.startswith(pending[-size:]) for s in self.stop):
+                return size
+        return 0
+
+
+def cut_at_stop(text: str, stop) -> str:
+    """``text`` before the earliest occurrence of any stop sequence."""
+    return StopStrings(stop).cut(text)
+
+
+@dataclass
+class Step:
+    index: int  # 0-based among the generated tokens
+    rows: torch.Tensor  # (b,) the original row of each row still decoding
+    tokens: torch.Tensor  # (b,) the token each chose
+    logits: torch.Tensor  # (b, V) the logits it was chosen from
+    finished: torch.Tensor  # (b,) bool: eos; a consumer sets more (a stop string) before asking for the next step
+
+
+def _lock(lock) -> contextlib.AbstractContextManager:
+    return contextlib.nullcontext() if lock is None else lock
+
+
+class DecodeLoop:
+    """The decode loop: iterate for one :class:`Step` per generated token.
+
+    Each step inserts the latents that are due (``state.pending`` at token ``state.pending_after``, then
+    whatever ``before_token(index, state) -> state`` does), chooses a token per row, and feeds the rows that
+    are not finished; finished rows leave the batch. The last token is never fed (nobody needs its logits).
+    ``state`` is consumed: ``self.state`` is the state of the rows still decoding. ``lock`` serialises the
+    base's forward passes with other users of the same model.
+    """
+
+    def __init__(
+        self,
+        lm,
+        state: DecodeState,
+        max_new_tokens: int,
+        do_sample: bool = False,
+        temperature: float = 1.0,
+        top_p: float = 1.0,
+        seed: int | None = None,
+        eos_token_id: int | None = None,
+        before_token: Callable[[int, DecodeState], DecodeState] | None = None,
+        lock=None,
+    ):
+        if max_new_tokens < 0:
+            raise InputError(f"max_new_tokens must be >= 0, got {max_new_tokens}")
+        self.lm, self.state, self.max_new_tokens = lm, state, max_new_tokens
+        self.sampling, self.seed, self.eos_token_id = (do_sample, temperature, top_p), seed, eos_token_id
+        self.before_token, self.lock = before_token, lock
+
+    def __iter__(self) -> Iterator[Step]:
+        base = base_of(self.lm)
+        generator = generator_for(self.seed, self.state.logits.device)
+        rows = torch.arange(self.state.logits.shape[0], device=self.state.logits.device)
+        for index in range(self.max_new_tokens):
+            if self.state.pending is not None and index == self.state.pending_after:
+                latents, self.state.pending = self.state.pending, None
+                with _lock(self.lock):
+                    self.state = insert_latents(self.lm, self.state, latents)
+            if self.before_token is not None:
+                self.state = self.before_token(index, self.state)
+            logits = self.state.logits  # (b, V)
+            tokens = next_token(logits, *self.sampling, generator)  # (b,)
+            eos = self.eos_token_id
+            finished = tokens == eos if eos is not None else torch.zeros_like(tokens, dtype=torch.bool)
+            step = Step(index, rows, tokens, logits, finished)
+            yield step
+            if index == self.max_new_tokens - 1 or bool(step.finished.all()):
+                return
+            if bool(step.finished.any()):
+                keep = (~step.finished).nonzero()[:, 0]
+                self.state, rows, tokens = select_rows(self.state, keep), rows[keep], tokens[keep]
+            with _lock(self.lock):
+                feed_token(base, self.state, tokens)
+
+
+# ---------------------------------------------------------------------------- token ids
+@dataclass
+class DecodeOutput:
+    tokens: torch.Tensor  # (B, n) generated token ids
+    logits: torch.Tensor  # (B, n, V) the logits each token was chosen from
 
 
 @torch.no_grad()
 def decode(
-    base,
-    state: AugmentedCache,
+    lm,
+    state: DecodeState,
     max_new_tokens: int,
     do_sample: bool = False,
     temperature: float = 1.0,
@@ -64,382 +157,48 @@ def decode(
     seed: int | None = None,
     eos_token_id: int | None = None,
 ) -> DecodeOutput:
-    """Extend ``state`` by up to ``max_new_tokens`` tokens; its cache is extended in place.
+    """Up to ``max_new_tokens`` tokens after ``state`` (consumed; ``lm`` an AugmentedLM or a plain base).
 
-    Stops early once every row has produced ``eos_token_id``; finished rows then repeat eos. Afterwards
-    ``state`` holds every generated token but the last one, which is returned and never fed.
+    Stops early once every row has produced ``eos_token_id``; a row that is done leaves the batch, and its
+    later entries read eos, with logits that put all their mass on eos.
     """
-    if max_new_tokens < 0:
-        raise ValueError(f"max_new_tokens must be >= 0, got {max_new_tokens}")
-    generator = _generator(seed, state.logits.device)
-    logits = state.logits
-    batch = logits.shape[0]
-    finished = torch.zeros(batch, dtype=torch.bool, device=logits.device)
-    tokens, all_logits = [], []
-    for step in range(max_new_tokens):
-        token = next_token(logits, do_sample, temperature, top_p, generator)
-        if eos_token_id is not None:
-            token = token.masked_fill(finished, eos_token_id)
-            finished |= token == eos_token_id
-        tokens.append(token)
-        all_logits.append(logits)
-        if step == max_new_tokens - 1 or bool(finished.all()):
-            break  # the last token is returned, not fed: nobody needs its logits
-        feed_token(base, state, token)
-        logits = state.logits
+    batch, vocab = state.logits.shape
+    tokens, logits = [], []
+    for step in DecodeLoop(lm, state, max_new_tokens, do_sample, temperature, top_p, seed, eos_token_id):
+        if len(step.rows) == batch:
+            tokens.append(step.tokens)
+            logits.append(step.logits)
+            continue
+        done_logits = torch.full((batch, vocab), float("-inf"), dtype=step.logits.dtype, device=step.logits.device)
+        done_logits[:, eos_token_id] = 0.0
+        tokens.append(torch.full_like(tokens[-1], eos_token_id).index_copy(0, step.rows, step.tokens))
+        logits.append(done_logits.index_copy(0, step.rows, step.logits))
     if not tokens:
-        empty = torch.zeros(batch, 0, dtype=torch.long, device=logits.device)
-        return DecodeOutput(empty, logits.new_zeros(batch, 0, logits.shape[-1]))
-    return DecodeOutput(torch.stack(tokens, dim=1), torch.stack(all_logits, dim=1))
+        device = state.logits.device
+        return DecodeOutput(torch.zeros(batch, 0, dtype=torch.long, device=device), state.logits.new_zeros(batch, 0, vocab))
+    return DecodeOutput(torch.stack(tokens, dim=1), torch.stack(logits, dim=1))
 
 
-# ---------------------------------------------------------------------- single base steps (state.py)
-def latents_for(lm, state) -> torch.Tensor:
-    """(B, N_L, H) latents for ``state`` (an AugmentedCache, or a plain cache), as state.compute_latents."""
-    if not isinstance(state, AugmentedCache):
-        state = AugmentedCache(state, kv.cache_length(state), None)
-    return compute_latents(lm, state)
+# ---------------------------------------------------------------------------- texts
+@torch.no_grad()
+def generate_until_batch(lm, tokenizer, state: DecodeState, max_new_tokens: int, stop=()) -> list[str]:
+    """Greedy text for every row of ``state`` (consumed), each cut before its first stop string or at EOS.
 
-
-# ---------------------------------------------------------------------- the background coprocessor
-class LatentsWorker:
-    """``compute()`` in a daemon thread (torch releases the GIL in its kernels), read back as a future.
-
-    A worker that hangs is abandoned, never joined: decoding must not wait on it.
+    Rows that finish leave the batch, so a long answer does not keep the others' caches growing. Each row's
+    text is that of the row decoded alone (for padded rows: see state.padded_batches_are_exact).
     """
-
-    def __init__(self, compute: Callable[[], torch.Tensor]):
-        self.started_at = time.monotonic()
-        self._future: Future = Future()
-        thread = threading.Thread(target=self._run, args=(compute,), name="cacheaug-coprocessor", daemon=True)
-        thread.start()
-
-    def _run(self, compute: Callable[[], torch.Tensor]) -> None:
-        try:
-            with torch.no_grad():  # grad mode is per thread
-                latents = compute()
-        except BaseException as error:  # reported to the decoder, which carries on unaugmented
-            self._future.set_exception(error)
-        else:
-            self._future.set_result(latents)
-
-    def wait(self, timeout: float | None) -> bool:
-        """Block until the latents are ready or failed; False if ``timeout`` seconds passed first."""
-        try:
-            self._future.exception(timeout=timeout)
-        except TimeoutError:
-            return False
-        return True
-
-    def result(self) -> torch.Tensor:
-        return self._future.result(timeout=0)
-
-    def elapsed(self) -> float:
-        return time.monotonic() - self.started_at
+    matcher, eos = StopStrings(stop), tokenizer.eos_token_id
+    tokens: list[list[int]] = [[] for _ in range(state.logits.shape[0])]
+    for step in DecodeLoop(lm, state, max_new_tokens, eos_token_id=eos):
+        for slot, (row, token) in enumerate(zip(step.rows.tolist(), step.tokens.tolist())):
+            if token == eos:
+                continue  # finished: the loop drops the row
+            tokens[row].append(token)
+            if matcher.find(tokenizer.decode(tokens[row], skip_special_tokens=True)) >= 0:
+                step.finished[slot] = True
+    return [matcher.cut(tokenizer.decode(row, skip_special_tokens=True)) for row in tokens]
 
 
-def _failure(error: BaseException) -> str:
-    return f"failed: {type(error).__name__}: {error}"
-
-
-# ---------------------------------------------------------------------- token ids -> text pieces
-class TextStream:
-    """Turns token ids into text pieces whose concatenation is the decoded text, cut before a stop string.
-
-    Holds back a piece while it ends inside a UTF-8 character (one byte-level token can be half a character)
-    or while its tail could still become a stop string, so no stop text is ever released. Decodes a short
-    window of ids each time (vLLM/TGI style): ``context_ids`` (the prompt's last ids) give tokenizers that
-    drop a leading space at the start of a decode the context they need.
-    """
-
-    def __init__(self, tokenizer, stop: list[str] | None = None, context_ids: list[int] | None = None):
-        self.tokenizer = tokenizer
-        self.stop = [s for s in (stop or []) if s]
-        self.ids = list(context_ids or [])
-        self.prefix_offset, self.read_offset = 0, len(self.ids)
-        self.prefix_text = self._decode(self.ids)  # decode(ids[prefix_offset:read_offset]), kept across calls
-        self.text = ""  # complete characters decoded so far (generated part only)
-        self.released = 0  # characters of self.text already handed out
-        self.stopped = False
-
-    def _decode(self, ids: list[int]) -> str:
-        return self.tokenizer.decode(ids, skip_special_tokens=True)
-
-    def _advance(self, final: bool) -> None:
-        full = self._decode(self.ids[self.prefix_offset :])
-        if final or (len(full) > len(self.prefix_text) and not full.endswith("\ufffd")):
-            self.text += full[len(self.prefix_text) :]
-            self.prefix_offset, self.read_offset = self.read_offset, len(self.ids)
-            self.prefix_text = self._decode(self.ids[self.prefix_offset : self.read_offset])
-
-    def push(self, token_id: int) -> str:
-        """Add one generated id; return the text it releases (often ""; always "" once stopped)."""
-        if self.stopped:
-            return ""
-        self.ids.append(token_id)
-        self._advance(final=False)
-        hits = [i for i in (self.text.find(s, self.released) for s in self.stop) if i >= 0]
-        if hits:
-            self.text, self.stopped = self.text[: min(hits)], True
-            return self._release(len(self.text))
-        return self._release(len(self.text) - self._held())
-
-    def _held(self) -> int:
-        """Length of the longest tail of the unreleased text that is a proper prefix of a stop string."""
-        pending = self.text[self.released :]
-        for size in range(min(len(pending), max((len(s) for s in self.stop), default=1) - 1), 0, -1):
-            if any(s.startswith(pending[-size:]) for s in self.stop):
-                return size
-        return 0
-
-    def _release(self, end: int) -> str:
-        piece, self.released = self.text[self.released : max(end, self.released)], max(end, self.released)
-        return piece
-
-    def flush(self) -> str:
-        """At the end: everything held back, an unfinished character decoded as U+FFFD."""
-        if not self.stopped and self.read_offset < len(self.ids):
-            self._advance(final=True)
-        return self._release(len(self.text))
-
-
-# ---------------------------------------------------------------------- streamed generation
-@dataclass
-class TokenEvent:
-    index: int  # 0-based among the generated tokens
-    token_id: int
-    text: str  # text this token releases ("" when no tokenizer or while held back)
-    augmented: bool  # latents were in the cache when this token was chosen
-    logits: torch.Tensor  # (V,) the logits it was chosen from
-
-
-@dataclass
-class FinishEvent:
-    finish_reason: str  # "stop" (a stop string), "length" (max_new_tokens) or "eos"
-    augmentation: str  # "applied" | "off" | "failed: <why>" | "timed out" | "not ready" (ended before the latents)
-    text: str  # text held back until the end ("" when none)
-    token_ids: list[int]
-    num_prompt_tokens: int
-    insertions: list[int] = field(default_factory=list)  # generated-token counts at which latents went in
-
-
-@dataclass
-class Completion:
-    text: str
-    token_ids: list[int]
-    finish_reason: str
-    augmentation: str
-    insertions: list[int]
-    num_prompt_tokens: int
-    logits: torch.Tensor  # (n, V) the logits each generated token was chosen from
-
-
-def _lock(lock) -> contextlib.AbstractContextManager:
-    return contextlib.nullcontext() if lock is None else lock
-
-
-class Generation:
-    """One sequence's decoding as an iterator of TokenEvent ... FinishEvent.
-
-    Construction prefills the prompt and, per ``augment``: "sync" waits (up to ``augment_timeout_s``) for the
-    coprocessor and inserts its latents after the prompt; "async" starts it in a background thread on a copy
-    of the prompt cache and decoding begins at once; its latents go in at the current position as soon as
-    they are ready (checked before each token), or after exactly ``async_delay_tokens`` tokens, computed
-    synchronously (the fixed delay N of the paper's Table 8). A coprocessor that raises, is late past
-    ``augment_timeout_s`` or is absent leaves decoding unaugmented; FinishEvent.augmentation says which.
-    ``reaugment_every`` = k runs the coprocessor again on the current cache every k tokens after each
-    insertion. ``base_lock``/``coprocessor_lock`` serialise forward passes shared with other requests.
-    ``context``: an AugmentedCache (e.g. from a CacheBank) that the prompt continues; it is not mutated.
-    ``latents_fn(state) -> (1, N_L, H)`` replaces the coprocessor (tests inject failing or hanging ones).
-    """
-
-    def __init__(
-        self,
-        lm,
-        input_ids: torch.Tensor,
-        max_new_tokens: int,
-        augment: str = "sync",
-        do_sample: bool = False,
-        temperature: float = 1.0,
-        top_p: float = 1.0,
-        seed: int | None = None,
-        stop: list[str] | None = None,
-        tokenizer=None,
-        eos_token_id: int | None = None,
-        reaugment_every: int | None = None,
-        augment_timeout_s: float = 30.0,
-        async_delay_tokens: int | None = None,
-        context: AugmentedCache | None = None,
-        base_lock=None,
-        coprocessor_lock=None,
-        latents_fn: Callable[[object], torch.Tensor] | None = None,
-    ):
-        if augment not in AUGMENT_MODES:
-            raise ValueError(f"augment must be one of {AUGMENT_MODES}, got {augment!r}")
-        if input_ids.ndim != 2 or input_ids.shape[0] != 1 or (input_ids.shape[1] == 0 and context is None):
-            raise ValueError(f"input_ids must be (1, length>0), got shape {tuple(input_ids.shape)}")
-        if max_new_tokens < 0:
-            raise ValueError(f"max_new_tokens must be >= 0, got {max_new_tokens}")
-        if reaugment_every is not None and reaugment_every < 1:
-            raise ValueError(f"reaugment_every must be >= 1, got {reaugment_every}")
-        if async_delay_tokens is not None and (augment != "async" or async_delay_tokens < 0):
-            raise ValueError(f"async_delay_tokens needs augment='async' and a value >= 0, got {async_delay_tokens}")
-        if stop and tokenizer is None:
-            raise ValueError("stop strings need a tokenizer")
-        self.lm, self.base = lm, getattr(lm, "base", lm)
-        self.max_new_tokens, self.eos_token_id = max_new_tokens, eos_token_id
-        self.sampling = (do_sample, temperature, top_p)
-        self.seed, self.reaugment_every, self.timeout = seed, reaugment_every, augment_timeout_s
-        self.delay, self.base_lock, self.coprocessor_lock = async_delay_tokens, base_lock, coprocessor_lock
-        if latents_fn is None and getattr(lm, "coprocessor", None) is not None:
-            latents_fn = lambda state: compute_latents(lm, state)  # noqa: E731
-        self.latents_fn = latents_fn
-        self.num_prompt_tokens = input_ids.shape[1]
-        self.detokenizer = None
-        if tokenizer is not None:
-            self.detokenizer = TextStream(tokenizer, stop, input_ids[0, -5:].tolist())
-        self.insertions: list[int] = []
-        self.latents: list[torch.Tensor] = []  # (1, N_L, H) per insertion, in order
-        self.worker: LatentsWorker | None = None
-        self.delayed_latents: torch.Tensor | None = None
-        with torch.no_grad():
-            with _lock(base_lock):  # an empty prompt decodes straight from the context
-                self.state = copy_state(context) if input_ids.shape[1] == 0 else prefill(self.base, input_ids, context)
-            self.status = self._start(augment)
-
-    # ------------------------------------------------------------------ augmentation
-    def _launch(self) -> LatentsWorker:
-        snapshot = copy_state(self.state)  # the worker's own: decoding rebinds only ours
-
-        def compute() -> torch.Tensor:
-            with _lock(self.coprocessor_lock):
-                return self.latents_fn(snapshot)
-
-        return LatentsWorker(compute)
-
-    def _start(self, augment: str) -> str:
-        if augment == "off":
-            return "off"
-        if self.latents_fn is None:
-            return "failed: no coprocessor"
-        if augment == "sync":
-            return self._run_now(0)
-        if self.delay is not None:
-            self.delayed_latents, problem = self._latents_now()
-            return problem or "pending"
-        self.worker = self._launch()
-        return "pending"
-
-    def _latents_now(self) -> tuple[torch.Tensor | None, str]:
-        """The coprocessor on the current cache, waited for up to the timeout: (latents, "") or (None, why not)."""
-        worker = self._launch()
-        if not worker.wait(self.timeout):
-            return None, "timed out"
-        try:
-            return worker.result(), ""
-        except Exception as error:
-            return None, _failure(error)
-
-    def _run_now(self, generated: int) -> str:
-        """Latents for the current cache, inserted now; the status this leaves."""
-        latents, problem = self._latents_now()
-        if problem:
-            return problem
-        try:
-            return self._insert(latents, generated)
-        except Exception as error:  # the base refused the latents: the state is untouched
-            return _failure(error)
-
-    def _insert(self, latents: torch.Tensor, generated: int) -> str:
-        with _lock(self.base_lock):
-            self.state = insert_latents(self.lm, self.state, latents)
-        self.insertions.append(generated)
-        self.latents.append(latents)
-        return "applied"
-
-    def wait_for_latents(self, timeout: float | None = None) -> bool:
-        """Block until the async coprocessor has finished (or failed); True when it has."""
-        return self.worker is None or self.worker.wait(timeout)
-
-    def _before_token(self, generated: int) -> None:
-        """Insert whatever latents are due before choosing the next token."""
-        try:
-            if self.status == "pending" and self.delayed_latents is not None:
-                if generated == self.delay:
-                    self.status = self._insert(self.delayed_latents, generated)
-            elif self.status == "pending" and self.worker is not None:
-                if self.worker.wait(timeout=0):
-                    worker, self.worker = self.worker, None
-                    self.status = self._insert(worker.result(), generated)
-                elif self.worker.elapsed() > self.timeout:
-                    self.worker, self.status = None, "timed out"
-            elif self.status == "applied" and self.reaugment_every is not None:
-                if generated - self.insertions[-1] == self.reaugment_every:
-                    status = self._run_now(generated)
-                    if status != "applied":
-                        self.reaugment_every = None  # a failing coprocessor is not retried every k tokens
-        except Exception as error:  # the worker raised: carry on unaugmented
-            self.worker, self.status = None, _failure(error)
-
-    # ------------------------------------------------------------------ decoding
-    def __iter__(self) -> Iterator[TokenEvent | FinishEvent]:
-        return self._events()
-
-    @torch.no_grad()
-    def _events(self) -> Iterator[TokenEvent | FinishEvent]:
-        generator = _generator(self.seed, self.state.logits.device)
-        tokens: list[int] = []
-        finish = "length"
-        for index in range(self.max_new_tokens):
-            self._before_token(index)
-            logits = self.state.logits  # (1, V)
-            token = next_token(logits, *self.sampling, generator)  # (1,)
-            tokens.append(int(token[0]))
-            piece = self.detokenizer.push(tokens[-1]) if self.detokenizer is not None else ""
-            yield TokenEvent(index, tokens[-1], piece, bool(self.insertions), logits[0])
-            if self.eos_token_id is not None and tokens[-1] == self.eos_token_id:
-                finish = "eos"
-                break
-            if self.detokenizer is not None and self.detokenizer.stopped:
-                finish = "stop"
-                break
-            if index == self.max_new_tokens - 1:
-                break  # the last token is never fed, as in decode
-            with _lock(self.base_lock):
-                feed_token(self.base, self.state, token)
-        yield self._finish(finish, tokens)
-
-    def _finish(self, finish: str, tokens: list[int]) -> FinishEvent:
-        status = self.status
-        if status == "pending":  # decoding ended before the latents were due or ready
-            late = self.worker is not None and self.worker.elapsed() > self.timeout
-            status = "timed out" if late else "not ready"
-        rest = self.detokenizer.flush() if self.detokenizer is not None else ""
-        return FinishEvent(finish, status, rest, tokens, self.num_prompt_tokens, list(self.insertions))
-
-
-def stream(lm, input_ids: torch.Tensor, max_new_tokens: int, **options) -> Generation:
-    """Streamed decoding of one sequence (1, T): iterate the result for TokenEvents, then one FinishEvent.
-
-    ``lm`` is an AugmentedLM (or a plain base: augmentation then reports "failed: no coprocessor"); options
-    are Generation's. With the same seed, the tokens equal ``decode``/``AugmentedLM.generate``'s.
-    """
-    return Generation(lm, input_ids, max_new_tokens, **options)
-
-
-def generate_text(lm, input_ids: torch.Tensor, max_new_tokens: int, **options) -> Completion:
-    """The stream collected: text (the pieces joined), token ids, finish reason and augmentation status."""
-    pieces, logits = [], []
-    for event in stream(lm, input_ids, max_new_tokens, **options):
-        pieces.append(event.text)
-        if isinstance(event, TokenEvent):
-            logits.append(event.logits)
-    return Completion(
-        text="".join(pieces),
-        token_ids=event.token_ids,
-        finish_reason=event.finish_reason,
-        augmentation=event.augmentation,
-        insertions=event.insertions,
-        num_prompt_tokens=event.num_prompt_tokens,
-        logits=torch.stack(logits) if logits else torch.zeros(0, 0),
-    )
+def generate_until(lm, tokenizer, state: DecodeState, max_new_tokens: int, stop=()) -> str:
+    """Greedy text after a one-row ``state`` (extended in place), cut before the first stop string or at EOS."""
+    return generate_until_batch(lm, tokenizer, state, max_new_tokens, stop)[0]

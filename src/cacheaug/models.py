@@ -5,10 +5,10 @@ from __future__ import annotations
 import hashlib
 import importlib
 import importlib.util
-import logging
 import os
 import re
 import shutil
+import sys
 import tempfile
 import time
 from collections.abc import Callable
@@ -24,12 +24,13 @@ from transformers import (
     PreTrainedTokenizerBase,
 )
 
+from .config import base_identity_from_config
+from .errors import ModelError
+
 __all__ = ["EMBEDDED_MODELS", "TINY_RANDOM", "EmbeddedModel", "base_identity", "byte_tokenizer", "cache_home", "load_base"]
 
 # A 2-layer random Llama with a byte tokenizer, built in-process: for tests and configs/tiny.yaml.
 TINY_RANDOM = "tiny-random"
-
-log = logging.getLogger(__name__)
 
 
 @dataclass(frozen=True)
@@ -82,7 +83,7 @@ def _resolve_dtype(dtype: str | torch.dtype) -> torch.dtype:
         return dtype
     if isinstance(dtype, str) and dtype in _DTYPES:
         return _DTYPES[dtype]
-    raise ValueError(f"unsupported dtype {dtype!r}; accepted: {', '.join(_DTYPES)} or the matching torch.dtype")
+    raise ModelError(f"unsupported dtype {dtype!r}; accepted: {', '.join(_DTYPES)} or the matching torch.dtype")
 
 
 def _default_attention(folder_or_id: str, local: bool) -> str:
@@ -143,7 +144,10 @@ def _convert_gguf(key: str, find_gguf: Callable[[Path], Path]) -> Path:
     staging = Path(tempfile.mkdtemp(prefix=f".{key}.tmp-", dir=target.parent))
     try:
         gguf = find_gguf(staging)
-        log.info("converting %s to safetensors in %s (once; about a minute)", gguf, target)
+        started = time.monotonic()
+        # The human channel: a first load must not look hung (logging is unconfigured in most programs).
+        print(f"cacheaug: converting {gguf.name} to safetensors in {target} (once; 1-3 minutes on a small CPU)",
+              file=sys.stderr, flush=True)
         folder, filename = str(gguf.parent), gguf.name
         tokenizer = AutoTokenizer.from_pretrained(folder, gguf_file=filename, local_files_only=True)
         model = AutoModelForCausalLM.from_pretrained(folder, gguf_file=filename, local_files_only=True)
@@ -161,6 +165,7 @@ def _convert_gguf(key: str, find_gguf: Callable[[Path], Path]) -> Path:
             if not (target / "config.json").is_file():
                 raise
             # Another process finished the same conversion first; its copy is equivalent.
+        print(f"cacheaug: converted {gguf.name} in {time.monotonic() - started:.0f} s", file=sys.stderr, flush=True)
     finally:
         shutil.rmtree(staging, ignore_errors=True)
     return target
@@ -184,7 +189,7 @@ def _locate(name_or_path: str) -> tuple[str, str, bool]:
         return str(path), str(path), True
     if _HUB_ID.match(name_or_path) and not path.exists():
         return name_or_path, name_or_path, False
-    raise ValueError(f"unknown model {name_or_path!r}; {_accepted()}")
+    raise ModelError(f"unknown model {name_or_path!r}; {_accepted()}")
 
 
 def load_base(
@@ -220,8 +225,6 @@ def load_base(
 
 def base_identity(model: PreTrainedModel) -> dict[str, str | int]:
     """Architecture fingerprint of a base model, for naming and validating checkpoints."""
-    from .config import base_identity_from_config
-
     return base_identity_from_config(model.config, str(model.config.name_or_path))
 
 

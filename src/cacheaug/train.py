@@ -1,14 +1,10 @@
-"""The training loop: optimisation, schedule, logging, evaluation and checkpoint cadence.
-
-Runs as one plain process, or under ``torchrun`` / ``accelerate launch`` (which set RANK/WORLD_SIZE) as
-DistributedDataParallel with the same code path.
-"""
+"""The training loop only: schedule, augmentation points, output folder, and the optimise / log / evaluate / save
+cadence. The process seam (one process, DDP or FSDP) is distributed.py; checkpoints are checkpoint.py."""
 
 from __future__ import annotations
 
 import json
 import math
-import os
 import random
 import shutil
 import signal
@@ -21,86 +17,18 @@ import numpy as np
 import torch
 
 from . import checkpoint as ckpt
-from .config import ConfigError, RunConfig, TrainArgs
+from .config import RunConfig, TrainArgs
 from .coprocessor import AugmentedLM
 from .data import build_training_data
-from .evaluate import AheadEval, evaluate_ahead
-from .errors import RunFolderError
+from .distributed import Runtime, full_tensors, load_optimizer_state, optimizer_state, rng_state, set_rng_state, to_float
+from .errors import CacheaugError, RunFolderError, require_extra
+from .eval.metrics import AheadEval, evaluate_ahead
+from .eval.report import plot_curves
 from .models import load_base
 from .outputs import JsonlWriter, write_json, write_text
 
 RUN_CONFIG_NAME = "run_config.json"
 METRICS_NAME = "metrics.jsonl"
-
-
-# ---------------------------------------------------------------------------- distributed seam
-@dataclass
-class Runtime:
-    """Who this process is; distributed only when launched by torchrun/accelerate with WORLD_SIZE > 1."""
-
-    rank: int = 0
-    world_size: int = 1
-    device: torch.device = torch.device("cpu")
-
-    @property
-    def is_main(self) -> bool:
-        return self.rank == 0
-
-    @property
-    def distributed(self) -> bool:
-        return self.world_size > 1
-
-    @classmethod
-    def from_environment(cls) -> "Runtime":
-        world_size = int(os.environ.get("WORLD_SIZE", "1"))
-        if world_size == 1:
-            return cls(device=torch.device("cuda" if torch.cuda.is_available() else "cpu"))
-        import torch.distributed as dist
-
-        local_rank = int(os.environ.get("LOCAL_RANK", "0"))
-        if torch.cuda.is_available():
-            torch.cuda.set_device(local_rank)
-            device, backend = torch.device("cuda", local_rank), "nccl"
-        else:
-            device, backend = torch.device("cpu"), "gloo"
-        if not dist.is_initialized():
-            dist.init_process_group(backend=backend)
-        return cls(rank=dist.get_rank(), world_size=world_size, device=device)
-
-    def prepare(self, lm: AugmentedLM, strategy: str = "ddp") -> torch.nn.Module:
-        """DDP wraps the whole model; FSDP (fully_shard) shards each coprocessor layer and the soft tokens.
-
-        The frozen base is never sharded: every process keeps it whole, as it holds no gradients.
-        """
-        if not self.distributed:
-            return lm
-        if strategy == "fsdp":
-            from torch.distributed.fsdp import fully_shard
-
-            stack = lm.coprocessor.stack
-            for name in ("layers", "h"):
-                for layer in getattr(stack, name, None) or []:
-                    fully_shard(layer)
-            fully_shard(lm.coprocessor)
-            return lm
-        from torch.nn.parallel import DistributedDataParallel
-
-        return DistributedDataParallel(lm, device_ids=[self.device.index] if self.device.type == "cuda" else None)
-
-    def mean(self, value: float) -> float:
-        if not self.distributed:
-            return value
-        import torch.distributed as dist
-
-        tensor = torch.tensor([value], dtype=torch.float64, device=self.device)
-        dist.all_reduce(tensor)
-        return tensor.item() / self.world_size
-
-    def barrier(self) -> None:
-        if self.distributed:
-            import torch.distributed as dist
-
-            dist.barrier()
 
 
 # ---------------------------------------------------------------------------- pieces of the loop
@@ -124,23 +52,6 @@ def step_points(lm: AugmentedLM, seed: int, step: int, rows: int, length: int) -
     """
     generator = torch.Generator().manual_seed(seed * 1_000_003 + step)
     return lm.sample_points(rows, length, generator)
-
-
-def _rng_state() -> dict:
-    """RNG states as tensors and plain values, so torch.load(weights_only=True) reads them back."""
-    kind, keys, position, has_gauss, cached_gaussian = np.random.get_state()
-    return {
-        "python": random.getstate(),
-        "numpy": (kind, torch.from_numpy(keys.astype(np.int64)), position, has_gauss, cached_gaussian),
-        "torch": torch.random.get_rng_state(),
-    }
-
-
-def _set_rng_state(state: dict) -> None:
-    random.setstate(state["python"])
-    kind, keys, position, has_gauss, cached_gaussian = state["numpy"]
-    np.random.set_state((kind, keys.numpy().astype(np.uint32), position, has_gauss, cached_gaussian))
-    torch.random.set_rng_state(state["torch"])
 
 
 def prepare_output_dir(args, runtime: Runtime) -> Path | None:
@@ -176,6 +87,8 @@ def train(config: RunConfig, command: str | None = None) -> TrainResult:
 
     ``command`` is recorded in the provenance of final_eval.json (default: this process's command line)."""
     args = config.train
+    if config.coprocessor.lora_rank is not None:
+        require_extra("peft", "lora", "a LoRA coprocessor (lora_rank)")
     runtime = Runtime.from_environment()
     resume_from = prepare_output_dir(args, runtime)
     out = Path(args.output_dir)
@@ -198,9 +111,7 @@ def train(config: RunConfig, command: str | None = None) -> TrainResult:
 
     step, state = 0, None
     if resume_from is not None:
-        ckpt.check_base_identity(ckpt.read_config(resume_from), base, resume_from)
-        state = ckpt.load_trainer_state(resume_from)
-        ckpt.load_trainable_weights(lm, resume_from / ckpt.WEIGHTS_NAME)  # full tensors: before sharding
+        state = ckpt.resume(lm, resume_from)  # full tensors: before sharding
     sharded = runtime.distributed and args.strategy == "fsdp"
     model = runtime.prepare(lm, args.strategy)
     # After prepare: FSDP replaces the parameters by sharded ones, which the optimiser must hold.
@@ -213,10 +124,10 @@ def train(config: RunConfig, command: str | None = None) -> TrainResult:
     )
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_lambda(args))
     if state is not None:
-        _load_optimizer_state(lm, optimizer, state["optimizer"], sharded, args)
+        load_optimizer_state(optimizer, state["optimizer"], sharded)
         scheduler.load_state_dict(state["scheduler"])
         data.load_state_dict(state["data"])
-        _set_rng_state(state["rng"])
+        set_rng_state(state["rng"])
         step = state["step"]
         if runtime.is_main:
             print(f"resumed from {resume_from} at step {step}", flush=True)
@@ -225,17 +136,17 @@ def train(config: RunConfig, command: str | None = None) -> TrainResult:
 
     def save(at_step: int) -> None:
         # Gathering sharded tensors is collective: every process takes part, the main one writes.
-        weights = _full_tensors(lm.trainable_state_dict())
-        optimizer_state = _optimizer_state(optimizer, sharded)
+        weights = full_tensors(lm.trainable_state_dict())
+        moments = optimizer_state(optimizer, sharded)
         if runtime.is_main:
             trainer_state = {
                 "step": at_step,
-                "optimizer": optimizer_state,
+                "optimizer": moments,
                 "scheduler": scheduler.state_dict(),
                 "data": data.state_dict(),
-                "rng": _rng_state(),
+                "rng": rng_state(),
             }
-            ckpt.save_training_checkpoint(weights, lm.config, out, at_step, trainer_state, run_dict, args.keep_last)
+            ckpt.save_step(weights, lm.config, out, at_step, trainer_state, run_dict, args.keep_last)
         runtime.barrier()
 
     def evaluate(at_step: int) -> AheadEval:
@@ -276,7 +187,7 @@ def train(config: RunConfig, command: str | None = None) -> TrainResult:
                 loss_sum += micro_out.loss.item() / args.grad_accum
                 tokens += batch.numel()
             grad_norm = (
-                _to_float(torch.nn.utils.clip_grad_norm_(lm.trainable_parameters(), args.grad_clip))
+                to_float(torch.nn.utils.clip_grad_norm_(lm.trainable_parameters(), args.grad_clip))
                 if args.grad_clip > 0
                 else float("nan")
             )
@@ -322,25 +233,11 @@ def train(config: RunConfig, command: str | None = None) -> TrainResult:
         table = final.table()
         write_text(out / "final_table.md", table)
         print("\nAhead-token perplexity on validation, by offset after the latents:\n" + table, flush=True)
-        plot_curves(out / METRICS_NAME, out / "curves.png")
+        try:
+            plot_curves(out / METRICS_NAME, out / "curves.png")
+        except CacheaugError as error:  # matplotlib absent: the run is fine, only its figure is missing
+            print(f"curves.png not written: {error}", flush=True)
     return TrainResult(out, step, final)
-
-
-def _to_float(value: torch.Tensor) -> float:
-    return float(value.full_tensor() if hasattr(value, "full_tensor") else value)
-
-
-def _full_tensors(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-    """Whole tensors of possibly sharded (DTensor) parameters; collective when sharded."""
-    return {name: t.full_tensor() if hasattr(t, "full_tensor") else t for name, t in state.items()}
-
-
-def _optimizer_state(optimizer, sharded: bool) -> dict:
-    """The optimiser's state dict with whole tensors, so one file resumes any number of processes."""
-    state = optimizer.state_dict()
-    if sharded:  # collective: every process gathers the same tensors in the same order
-        state["state"] = {index: _full_tensors(entry) for index, entry in state["state"].items()}
-    return state
 
 
 def parameter_groups(lm: AugmentedLM, args: TrainArgs) -> list[dict]:
@@ -352,71 +249,9 @@ def parameter_groups(lm: AugmentedLM, args: TrainArgs) -> list[dict]:
     return groups + ([{"params": fast, "lr": float(args.interface_lr)}] if fast else [])
 
 
-def _load_optimizer_state(lm: AugmentedLM, optimizer, state: dict, sharded: bool, args: TrainArgs) -> None:
-    if sharded:  # cut whole moments into the shards of the parameters they belong to
-        from torch.distributed.tensor import distribute_tensor
-
-        parameters = [p for group in parameter_groups(lm, args) for p in group["params"]]  # the optimiser's order
-        state["state"] = {
-            index: {
-                key: distribute_tensor(value, parameters[index].device_mesh, parameters[index].placements)
-                if key != "step" and value.shape == parameters[index].shape
-                else value
-                for key, value in entry.items()
-            }
-            for index, entry in state["state"].items()
-        }
-    optimizer.load_state_dict(state)
-
-
 def _progress(runtime: Runtime, total: int, initial: int):
     if not runtime.is_main:
         return None
     from tqdm.auto import tqdm
 
     return tqdm(total=total, initial=initial, desc="train", unit="step", dynamic_ncols=True)
-
-
-def plot_curves(metrics_path: Path, png_path: Path) -> None:
-    """Training loss and validation ahead-token loss (augmented vs base) against steps."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    records = [json.loads(line) for line in metrics_path.read_text().splitlines() if line]
-    train_records = [r for r in records if "loss" in r]
-    val_records = [r for r in records if r.get("split") == "validation"]
-    figure, axis = plt.subplots(figsize=(7, 4))
-    axis.plot([r["step"] for r in train_records], [r["loss"] for r in train_records], label="train (augmented)", alpha=0.6)
-    if val_records:
-        steps = [r["step"] for r in val_records]
-        axis.plot(steps, [r["loss_augmented"] for r in val_records], "o-", label="validation, augmented")
-        axis.plot(steps, [r["loss_base"] for r in val_records], "s--", label="validation, base (no latents)")
-    axis.set_xlabel("step")
-    axis.set_ylabel("ahead-token NLL (nats)")
-    axis.legend()
-    axis.grid(alpha=0.3)
-    figure.tight_layout()
-    figure.savefig(png_path, dpi=120)
-    plt.close(figure)
-
-
-def run_config_from_checkpoint(directory: str | os.PathLike) -> RunConfig | None:
-    """The run config stored with a training checkpoint, when there is one."""
-    path = Path(directory) / ckpt.CONFIG_NAME
-    if not path.is_file():
-        return None
-    stored = json.loads(path.read_text()).get("run_config")
-    if stored is None:
-        return None
-    stored = dict(stored)
-    stored["coprocessor"] = {
-        k: v for k, v in stored["coprocessor"].items() if k not in ("base_model", "base_identity")
-    }
-    try:
-        return RunConfig.from_dict(stored)
-    except ConfigError:
-        return None
-
-

@@ -10,7 +10,8 @@ import json
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from .evaluate import TABLE_OFFSETS
+from ..errors import require_extra
+from . import TABLE_OFFSETS
 
 KINDS = ("perplexity", "gsm8k", "mc", "harness")
 
@@ -178,6 +179,7 @@ def _num(value) -> str:
 
 # ---------------------------------------------------------------------------- plots
 def _pyplot():
+    require_extra("matplotlib", "plots", "plotting")
     import matplotlib
 
     matplotlib.use("Agg")
@@ -192,6 +194,27 @@ def _log2_axis(axis, ticks) -> None:
     ticks = sorted(set(ticks))
     axis.set_xticks(ticks, [str(t) for t in ticks])
     axis.minorticks_off()
+
+
+def plot_curves(metrics_path: Path, png_path: Path) -> None:
+    """Training loss and validation ahead-token loss (augmented vs base) against steps."""
+    plt = _pyplot()
+    records = [json.loads(line) for line in metrics_path.read_text().splitlines() if line]
+    train_records = [r for r in records if "loss" in r]
+    val_records = [r for r in records if r.get("split") == "validation"]
+    figure, axis = plt.subplots(figsize=(7, 4))
+    axis.plot([r["step"] for r in train_records], [r["loss"] for r in train_records], label="train (augmented)", alpha=0.6)
+    if val_records:
+        steps = [r["step"] for r in val_records]
+        axis.plot(steps, [r["loss_augmented"] for r in val_records], "o-", label="validation, augmented")
+        axis.plot(steps, [r["loss_base"] for r in val_records], "s--", label="validation, base (no latents)")
+    axis.set_xlabel("step")
+    axis.set_ylabel("ahead-token NLL (nats)")
+    axis.legend()
+    axis.grid(alpha=0.3)
+    figure.tight_layout()
+    figure.savefig(png_path, dpi=120)
+    plt.close(figure)
 
 
 def plot_position_eval(result: dict, png_path, title: str = "") -> None:

@@ -1,14 +1,14 @@
 """lm-evaluation-harness model ``cacheaug``: any lm-eval task, with the coprocessor called once at the end of
 each context (arXiv 2412.17747, section 3.2), for log-likelihood and for generation.
 
-    python -m cacheaug.lm_eval_adapter run --model cacheaug --tasks arc_easy --model_args ckpt=DIR,augment=true
+    python -m cacheaug.eval.harness run --model cacheaug --tasks arc_easy --model_args ckpt=DIR,augment=true
 
 is lm-eval's own CLI with the model registered (``cacheaug eval harness`` runs both conditions for you).
 
-(In Python, ``import cacheaug.lm_eval_adapter`` registers the model for ``lm_eval.simple_evaluate``.)
+(In Python, ``import cacheaug.eval.harness`` registers the model for ``lm_eval.simple_evaluate``.)
 
 A thin ``HFLM`` subclass: tokenisation, request splitting, rolling windows and the task machinery are
-lm-eval's; scoring and greedy generation go through cacheaug's own functions (evaluate.py), so the numbers
+lm-eval's; scoring and greedy generation go through cacheaug's own functions (likelihood.py, generate.py), so the numbers
 equal ``cacheaug eval mc`` / ``cacheaug eval gsm8k`` on the same strings.
 """
 
@@ -19,9 +19,11 @@ from collections import defaultdict
 from lm_eval.api.registry import register_model
 from lm_eval.models.huggingface import HFLM
 
-from .coprocessor import AugmentedLM
-from .eval_cli import load_checkpoint
-from .evaluate import context_state, continuation_logprobs, generate_until
+from ..checkpoint import load_checkpoint
+from ..coprocessor import AugmentedLM
+from ..errors import ConfigError
+from ..generate import generate_until
+from .likelihood import context_state, continuation_logprobs
 
 
 def _as_bool(value) -> bool:
@@ -30,7 +32,7 @@ def _as_bool(value) -> bool:
             return True
         if value.strip().lower() in ("0", "false", "no", "off"):
             return False
-        raise ValueError(f"augment must be true or false, got {value!r}")
+        raise ConfigError(f"augment must be true or false, got {value!r}")
     return bool(value)
 
 
@@ -50,10 +52,10 @@ class CacheAugLM(HFLM):
     ) -> None:
         if lm is None:
             if ckpt is None:
-                raise ValueError("the cacheaug model needs ckpt=<checkpoint folder> (or an AugmentedLM as lm=)")
+                raise ConfigError("the cacheaug model needs ckpt=<checkpoint folder> (or an AugmentedLM as lm=)")
             lm, tokenizer = load_checkpoint(ckpt, dtype)
         elif tokenizer is None:
-            raise ValueError("pass the tokenizer with lm=")
+            raise ConfigError("pass the tokenizer with lm=")
         lm.eval()
         self.augmented_lm = lm
         self.augment = _as_bool(augment)
@@ -140,6 +142,22 @@ def run_harness(
     return results
 
 
+def table(results: dict) -> str:
+    """Markdown: every metric of every task, augmented vs base (the columns of the conditions that ran)."""
+    conditions = [c for c in ("augmented", "base") if c in results]
+    rows = {}
+    for condition in conditions:
+        for task, metrics in results[condition].items():
+            for metric, value in metrics.items():
+                if isinstance(value, (int, float)) and not isinstance(value, bool) and metric != "sample_len":
+                    rows.setdefault((task, metric), {})[condition] = value
+    lines = ["| task | metric | " + " | ".join(conditions) + " |", "|---|---|" + "---:|" * len(conditions)]
+    for (task, metric), values in sorted(rows.items()):
+        cells = [f"{values[c]:.4f}" if c in values else "-" for c in conditions]
+        lines.append(f"| {task} | {metric} | " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
 def _plain(value):
     """Task results as JSON-safe values (lm-eval mixes in numpy scalars and 'N/A' strings)."""
     if isinstance(value, dict):
@@ -151,7 +169,7 @@ def _plain(value):
     return value
 
 
-# python -m cacheaug.lm_eval_adapter <lm_eval arguments>: lm-eval's own CLI, with `cacheaug` registered
+# python -m cacheaug.eval.harness <lm_eval arguments>: lm-eval's own CLI, with `cacheaug` registered
 if __name__ == "__main__":
     from lm_eval.__main__ import cli_evaluate
 

@@ -1,4 +1,4 @@
-"""An embedded, seeded generator of GSM8K-style arithmetic word problems with worked step-by-step solutions."""
+"""The embedded, seeded generator of GSM8K-style arithmetic word problems with worked step-by-step solutions."""
 
 from __future__ import annotations
 
@@ -6,6 +6,8 @@ import random
 import re
 from dataclasses import dataclass
 from typing import Any
+
+from .documents import gsm8k_document, render_document  # noqa: F401  (gsm8k_document: re-exported)
 
 TRAIN_SEED = 0
 VALIDATION_SEED = 1_000_003
@@ -42,23 +44,8 @@ _FRACTIONS = ((1, 2, "half"), (1, 3, "a third"), (1, 4, "a quarter"), (2, 3, "tw
 _PERCENTS = (5, 10, 20, 25, 30, 40, 50, 60, 75)
 _TIMES = {2: "twice", 3: "three times", 4: "four times", 5: "five times"}
 _CASH = (10, 20, 50, 100, 200, 500, 1000, 2000, 5000, 10000, 20000, 50000, 100000)
-_CALCULATOR = re.compile(r"<<[^<>]*>>")
 _FIELD = re.compile(r"\{(\w+)\}")
 _EXTRAS = {"thing": _THINGS, "items": _ITEMS, "event": _EVENTS, "tasks": _TASKS, "what": _PRACTICE}
-
-
-def render_document(question: str, worked_answer: str, final: int | str) -> str:
-    """The one document format shared by the embedded corpus and GSM8K rows."""
-    return f"Question: {question.strip()}\nAnswer: {worked_answer.strip()}\n#### {final}"
-
-
-def gsm8k_document(question: str, answer: str) -> str:
-    """Render a GSM8K row: calculator annotations ``<<expr=result>>`` stripped, final answer after ``####``."""
-    text = _CALCULATOR.sub("", answer)
-    worked, marker, final = text.rpartition("####")
-    if not marker:  # not a GSM8K solution after all: keep it whole rather than invent a final answer
-        return f"Question: {question.strip()}\nAnswer: {text.strip()}"
-    return render_document(question, worked, final.strip())
 
 
 @dataclass(frozen=True)

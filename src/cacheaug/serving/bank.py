@@ -1,4 +1,5 @@
-"""A cache bank: long contexts augmented once, offline, stored on disk and reused by any number of queries.
+"""A cache bank: long contexts augmented once, offline, stored on disk and reused by any number of queries
+(``stream.Generation(context=bank.get_or_build(ids))``; `cacheaug serve` does not read it yet).
 
 An entry is one safetensors file ``<root>/<key[:2]>/<key>.safetensors``. ``key`` = sha256 of the model's
 fingerprint (base identity, dtype, attention kernel, coprocessor config and weights hash, transformers
@@ -25,11 +26,11 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import save_file
 
-from . import cache as kv
-from . import state as steps
-from .errors import BankEntryError
-from .state import AugmentedCache
-from .generate import copy_state
+from .. import cache as kv
+from .. import state as steps
+from ..config import base_identity_from_config
+from ..errors import BankEntryError, InputError
+from ..state import DecodeState, copy_state
 
 __all__ = ["BANK_FORMAT_VERSION", "BankEntry", "BankEntryError", "CacheBank", "model_fingerprint", "tensors_sha256"]
 
@@ -67,8 +68,6 @@ def model_fingerprint(lm) -> dict:
     """Everything an augmented cache depends on besides the context: base, coprocessor weights, library."""
     import transformers
 
-    from .config import base_identity_from_config
-
     base = lm.base
     identity = base_identity_from_config(base.config, getattr(base, "name_or_path", None) or None)
     dtype = next(base.parameters()).dtype
@@ -88,7 +87,7 @@ def _as_ids(input_ids) -> torch.Tensor:
     ids = torch.as_tensor(input_ids, dtype=torch.long).cpu()
     ids = ids[None] if ids.ndim == 1 else ids
     if ids.ndim != 2 or ids.shape[1] == 0:
-        raise ValueError(f"input_ids must be (length>0,) or (batch, length>0), got shape {tuple(ids.shape)}")
+        raise InputError(f"input_ids must be (length>0,) or (batch, length>0), got shape {tuple(ids.shape)}")
     return ids
 
 
@@ -103,7 +102,7 @@ class CacheBank:
         self.root = Path(root)
         self.lm, self.tokenizer = lm, tokenizer
         self.memory_entries = memory_entries
-        self._memory: OrderedDict[str, AugmentedCache] = OrderedDict()
+        self._memory: OrderedDict[str, DecodeState] = OrderedDict()
         self._fingerprint: dict | None = None
         self.last_status = ""
 
@@ -122,7 +121,7 @@ class CacheBank:
         return self.root / key[:2] / f"{key}{SUFFIX}"
 
     # ------------------------------------------------------------------ lookups
-    def get(self, input_ids) -> AugmentedCache | None:
+    def get(self, input_ids) -> DecodeState | None:
         """The stored augmentation of ``input_ids`` (a copy), or None when absent or rejected."""
         ids = _as_ids(input_ids)
         key = self.key_for(ids)
@@ -144,7 +143,7 @@ class CacheBank:
         self.last_status = "hit (disk)"
         return copy_state(state)
 
-    def get_or_build(self, input_ids) -> AugmentedCache:
+    def get_or_build(self, input_ids) -> DecodeState:
         """The augmented cache of ``input_ids`` (B, T): from memory or disk when a verified entry exists,
         else computed with ``lm.augment`` and stored. Always a copy: decoding never alters the entry."""
         ids = _as_ids(input_ids)
@@ -157,12 +156,12 @@ class CacheBank:
             self.last_status = "rebuilt" + rejected[len("rejected") :]
         return state
 
-    def build(self, input_ids) -> AugmentedCache:
+    def build(self, input_ids) -> DecodeState:
         """Augment ``input_ids`` now and store the result (replacing any entry atomically)."""
         ids = _as_ids(input_ids)
         context = self.lm.base.config.get_text_config().max_position_embeddings
         if ids.shape[1] + self.lm.config.num_latents > context:
-            raise ValueError(
+            raise InputError(
                 f"{ids.shape[1]} tokens + {self.lm.config.num_latents} latents do not fit the model's "
                 f"context of {context} positions"
             )
@@ -177,15 +176,15 @@ class CacheBank:
     def add_text(self, text: str) -> BankEntry:
         """Tokenize ``text`` with the bank's tokenizer and make sure its augmented cache is stored."""
         if self.tokenizer is None:
-            raise ValueError("add_text needs a bank made with a tokenizer")
+            raise InputError("add_text needs a bank made with a tokenizer")
         ids = self.tokenizer(text, return_tensors="pt").input_ids
         if ids.shape[1] == 0:
-            raise ValueError("the text is empty after tokenization")
+            raise InputError("the text is empty after tokenization")
         self.get_or_build(ids)
         key = self.key_for(ids)
         return BankEntry(key, self.path_for(key=key), ids.shape[1], self.last_status)
 
-    def _remember(self, key: str, state: AugmentedCache) -> None:
+    def _remember(self, key: str, state: DecodeState) -> None:
         if self.memory_entries <= 0:
             return
         self._memory[key] = state
@@ -194,7 +193,7 @@ class CacheBank:
             self._memory.popitem(last=False)
 
     # ------------------------------------------------------------------ the file format
-    def _save(self, path: Path, key: str, ids: torch.Tensor, state: AugmentedCache) -> None:
+    def _save(self, path: Path, key: str, ids: torch.Tensor, state: DecodeState) -> None:
         tensors, layout = kv.cache_state(state.cache)
         tensors = {f"cache.{name}": t.cpu() for name, t in tensors.items()}
         tensors["logits"] = state.logits.detach().cpu().contiguous().clone()  # (B, V)
@@ -225,7 +224,7 @@ class CacheBank:
             Path(tmp).unlink(missing_ok=True)
             raise
 
-    def _load(self, path: Path, key: str, ids: torch.Tensor) -> AugmentedCache:
+    def _load(self, path: Path, key: str, ids: torch.Tensor) -> DecodeState:
         try:
             with safe_open(str(path), framework="pt") as handle:
                 metadata = handle.metadata() or {}
@@ -272,7 +271,7 @@ class CacheBank:
             raise BankEntryError("cache length, next position and logits disagree")
         latents = tensors["latents"].to(device) if "latents" in tensors else None
         gates = steps.recipe(self.lm)[1] if latents is not None else None
-        return AugmentedCache(
+        return DecodeState(
             cache, int(header["next_position"]), tensors["logits"].to(device), latents,
             masks.get("slot_mask"), masks.get("latent_slots"), masks.get("last_token"), gates,
         )

@@ -1,7 +1,7 @@
 """GSM8K: few-shot and zero-shot chain-of-thought prompts, answer extraction, and greedy accuracy with and
 without augmentation (the coprocessor called once, at the end of the prompt; arXiv 2412.17747, 3.2-3.3).
 
-Prompts use the corpus format the coprocessor was trained on (corpus.render_document):
+Prompts use the document format the coprocessor was trained on (data.documents.render_document):
 
     Question: <question>
     Answer: <worked solution, calculator annotations stripped>
@@ -13,7 +13,6 @@ Exemplars are separated by a blank line; the test question ends with ``Answer:``
 
 from __future__ import annotations
 
-import json
 import math
 import random
 import re
@@ -23,10 +22,14 @@ from pathlib import Path
 
 import torch
 
-from .coprocessor import AugmentedLM
-from .corpus import gsm8k_document
-from .data import DataError, read_jsonl
-from .evaluate import encode, generate_until_batch, padded_batches_are_exact, padded_context_states
+from ..coprocessor import AugmentedLM
+from ..data.documents import gsm8k_document, read_gsm8k  # noqa: F401 (read_gsm8k: part of this task's API)
+from ..errors import DataError
+from ..generate import generate_until_batch
+from ..outputs import JsonlWriter
+from ..state import padded_batches_are_exact, padded_context_states
+from .likelihood import encode
+from .metrics import evaluating, progress_bar
 
 EXEMPLAR_SEPARATOR = "\n\n"
 COT_TRIGGER = "Let's think step by step."
@@ -77,18 +80,6 @@ def gold_answer(answer: str) -> float:
 
 
 # ---------------------------------------------------------------------------- prompts
-def read_gsm8k(path) -> list[dict]:
-    """Rows ``{"question": str, "answer": str}`` of a GSM8K JSONL file."""
-    rows = []
-    for number, row in read_jsonl(path):
-        if not (isinstance(row, dict) and all(isinstance(row.get(key), str) for key in ("question", "answer"))):
-            raise DataError(f"{path} line {number}: expected {{\"question\": str, \"answer\": str}}")
-        rows.append(row)
-    if not rows:
-        raise DataError(f"{path} holds no GSM8K rows")
-    return rows
-
-
 def choose_exemplars(train_rows: list[dict], shots: int, seed: int | None = None) -> list[dict]:
     """The first ``shots`` training rows, or ``shots`` rows drawn with ``seed``; fixed for every test item."""
     if shots > len(train_rows):
@@ -197,7 +188,7 @@ def evaluate_gsm8k(
 
     Every (item, condition) gives a record: prompt, output, extracted answers, gold, correct; ``on_record``
     sees each as soon as its batch is done (to stream it to disk). ``batch_size`` items decode together
-    (padded; the same texts as one by one, see evaluate.generate_until_batch); bases with sliding-window
+    (padded; the same texts as one by one, see generate.generate_until_batch); bases with sliding-window
     layers decode one by one, as padding would shift their windows. ``async_delay`` = N: the latents go in
     after N generated tokens instead of before the first (the paper's Table 8).
     """
@@ -207,17 +198,18 @@ def evaluate_gsm8k(
         raise ValueError(f"async_delay must be >= 0, got {async_delay}")
     if not padded_batches_are_exact(lm.base.config):
         batch_size = 1
-    was_training = lm.training
-    lm.eval()
+    with evaluating(lm):
+        records = _generate_records(lm, tokenizer, rows, exemplars, cot, conditions, max_new_tokens, stop, on_record,
+                                    progress, batch_size, async_delay)
+    return summarize(records, len(rows), len(exemplars), cot), records
+
+
+def _generate_records(lm, tokenizer, rows, exemplars, cot, conditions, max_new_tokens, stop, on_record, progress,
+                      batch_size, async_delay) -> list[dict]:
     prefix_text = exemplar_block(exemplars)
     shared = SharedPrefix(lm, tokenizer, prefix_text)
     records: list[dict] = []
-    bar = None
-    if progress:
-        from tqdm.auto import tqdm
-
-        bar = tqdm(total=len(rows), desc="gsm8k", unit="item", dynamic_ncols=True)
-    for begin in range(0, len(rows), batch_size):
+    for begin in progress_bar(range(0, len(rows), batch_size), progress, desc="gsm8k", unit="batch"):
         indices = range(begin, min(begin + batch_size, len(rows)))
         prompts = [prefix_text + question_prompt(rows[index]["question"], cot) for index in indices]
         splits = [shared.split(encode(tokenizer, prompt)) for prompt in prompts]  # (ids to read, cache or None)
@@ -248,12 +240,7 @@ def evaluate_gsm8k(
                 records.append(record)
                 if on_record is not None:
                     on_record(record)
-        if bar is not None:
-            bar.update(len(indices))
-    if bar is not None:
-        bar.close()
-    lm.train(was_training)
-    return summarize(records, len(rows), len(exemplars), cot), records
+    return records
 
 
 def summarize(records: list[dict], num_items: int, shots: int, cot: bool) -> Gsm8kEval:
@@ -274,11 +261,4 @@ def summarize(records: list[dict], num_items: int, shots: int, cot: bool) -> Gsm
 
 def write_records(path: Path) -> Callable[[dict], None]:
     """An ``on_record`` that appends each record to a JSONL file (emptied first)."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text("")
-
-    def write(record: dict) -> None:
-        with path.open("a", encoding="utf-8") as handle:
-            handle.write(json.dumps(record) + "\n")
-
-    return write
+    return JsonlWriter(path)
