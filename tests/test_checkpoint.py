@@ -7,17 +7,13 @@ import json
 import pytest
 import torch
 
-from cacheaug import AugmentedLM, ConfigError, CoprocessorConfig
+from cacheaug import AugmentedLM
 from cacheaug.checkpoint import CONFIG_NAME, WEIGHTS_NAME, CheckpointError, atomic_directory
-from conftest import VOCAB, make_base
+from helpers import VOCAB, make_base, perturbed_lm
 
 
 def _trained(arch="llama", **config) -> AugmentedLM:
-    lm = AugmentedLM(make_base(arch), CoprocessorConfig(**{"num_latents": 3, "num_ahead": 3, "num_points": 3, **config}))
-    with torch.no_grad():
-        for p in lm.trainable_parameters():
-            p.add_(0.01)
-    return lm
+    return perturbed_lm(arch, **{"num_latents": 3, "num_ahead": 3, "num_points": 3, **config})
 
 
 @pytest.mark.parametrize("config", [{}, {"lora_rank": 2}, {"num_layers": 1, "latents_after_norm": False}])
@@ -78,27 +74,3 @@ def test_atomic_directory_keeps_old_folder_on_failure(tmp_path):
     assert [p.name for p in tmp_path.iterdir()] == ["out"]  # no temp folder left behind
 
 
-@pytest.mark.parametrize(
-    "kwargs, words",
-    [
-        ({"num_latents": 0}, "num_latents must be a positive integer, got 0"),
-        ({"num_ahead": -1}, "num_ahead"),
-        ({"num_points": 1.5}, "num_points"),
-        ({"init": "random"}, "init must be one of"),
-        ({"lora_rank": 4, "init": "scratch"}, "lora_rank needs init='pretrained'"),
-        ({"latents_after_norm": "yes"}, "latents_after_norm"),
-    ],
-)
-def test_config_validation(kwargs, words):
-    with pytest.raises(ConfigError, match=words):
-        CoprocessorConfig(**kwargs)
-
-
-def test_config_resolution_and_unknown_keys():
-    base = make_base("gemma3")
-    resolved = CoprocessorConfig(lora_rank=8).resolve(base.config, "tiny-gemma3")
-    assert resolved.num_layers == 2 and resolved.lora_alpha == 8.0 and resolved.base_model == "tiny-gemma3"
-    with pytest.raises(ConfigError, match="only 2 layers"):
-        CoprocessorConfig(num_layers=3).resolve(base.config)
-    with pytest.raises(ConfigError, match="unknown coprocessor config key"):
-        CoprocessorConfig.from_dict({"num_latent": 4})

@@ -7,28 +7,21 @@ from __future__ import annotations
 import pytest
 import torch
 
-from cacheaug import AugmentedLM, CoprocessorConfig
+from cacheaug import AugmentedLM
 from cacheaug.stream import generate_text, stream
-from cacheaug.masks import GATED_ATTENTION, block_attention_for
-from conftest import ARCHITECTURES, VOCAB, make_base
-from test_training_loss import POINT_SETS, assert_equivalent
+from helpers import ARCHITECTURES, POINT_SETS, VOCAB, assert_equivalent, full_recompute, perturbed_lm
 
 RECIPES = {
     "token": {"readout": "token"},
     "token_gate": {"readout": "token", "latent_gate": True},
     "latent_gate": {"latent_gate": True},
 }
-FULL_ATTENTION = ["llama", "qwen3", "gpt2"]  # no sliding window, whose slots the latents would share
-
-
 def _lm(arch: str, perturb: bool = True, **config) -> AugmentedLM:
-    lm = AugmentedLM(make_base(arch), CoprocessorConfig(num_latents=3, num_ahead=4, num_points=5, **config))
-    if perturb:  # gates open, coprocessor no longer the base's copy: gradients and latents are generic
-        generator = torch.Generator().manual_seed(1)
-        with torch.no_grad():
-            for parameter in lm.trainable_parameters():
-                parameter.add_(torch.randn(parameter.shape, generator=generator) * 0.3)
-    return lm
+    """Gates open, coprocessor no longer the base's copy (perturb): gradients and latents are generic."""
+    return perturbed_lm(arch, seed=1, scale=0.3 if perturb else 0, num_latents=3, num_ahead=4, num_points=5, **config)
+
+
+FULL_ATTENTION = ["llama", "qwen3", "gpt2"]  # no sliding window, whose slots the latents would share
 
 
 @pytest.mark.parametrize("recipe", list(RECIPES))
@@ -63,39 +56,6 @@ def test_closed_gates_leave_the_base_exactly_as_it_is(arch):
     assert (after.nll_by_offset - plain.nll_by_offset).abs().max() > 1e-4
 
 
-def _full_recompute(lm, prompt, tokens, insertions, latents):
-    """One cacheless forward over the slots decoding filled, with the readout="token" rule: before token i of
-    an insertion, the last token's slot is hidden, the latents share its position and it is read again.
-    Returns (n, V) logits that predicted each generated token."""
-    embed = lm.base.get_input_embeddings()
-    pieces, positions, visible, latent = [embed(prompt)], list(range(prompt.shape[1])), [1] * prompt.shape[1], []
-    latent = [False] * prompt.shape[1]
-    predicting, last = [], int(prompt[0, -1])
-    for index, token in enumerate(tokens):
-        if index in insertions:
-            block = latents[insertions.index(index)]  # (1, N_L, H)
-            position = positions[-1]
-            visible[-1] = 0
-            pieces += [block, embed(torch.tensor([[last]]))]
-            positions += [position] * (block.shape[1] + 1)
-            visible += [1] * (block.shape[1] + 1)
-            latent += [True] * block.shape[1] + [False]
-        predicting.append(len(positions) - 1)
-        if index < len(tokens) - 1:
-            pieces.append(embed(torch.tensor([[token]])))
-            positions.append(positions[-1] + 1)
-            visible.append(1)
-            latent.append(False)
-            last = token
-    options = {"cacheaug_latent_keys": torch.tensor([latent]), "cacheaug_gates": lm.coprocessor.gate}
-    with torch.no_grad(), block_attention_for(lm.base, implementation=GATED_ATTENTION):
-        out = lm.base(
-            inputs_embeds=torch.cat(pieces, dim=1), position_ids=torch.tensor([positions]),
-            attention_mask=torch.tensor([visible]), **options,
-        )
-    return out.logits[0, predicting]
-
-
 @pytest.mark.parametrize("mode", ["sync", "async_delay"])
 def test_decoding_equals_a_full_recompute(arch, mode):
     lm = _lm(arch, readout="token", latent_gate=True)
@@ -106,16 +66,8 @@ def test_decoding_equals_a_full_recompute(arch, mode):
     finish, tokens = events[-1], events[:-1]
     assert finish.augmentation == "applied"
     assert finish.insertions == ([0, 3, 6] if mode == "sync" else [2])
-    full = _full_recompute(lm, prompt, finish.token_ids, finish.insertions, generation.latents)
+    full = full_recompute(lm, prompt, finish.token_ids, finish.insertions, generation.latents)
     torch.testing.assert_close(torch.stack([e.logits for e in tokens]), full, rtol=1e-4, atol=1e-4)
-
-
-def test_saved_config_without_recipe_fields_loads_as_the_paper():
-    config = CoprocessorConfig(readout="token", latent_gate=True).resolve(make_base("llama").config, "tiny")
-    saved = {k: v for k, v in config.to_dict().items() if k not in ("readout", "latent_gate", "soft_token_init")}
-    old = CoprocessorConfig.from_dict(saved)
-    assert (old.readout, old.latent_gate, old.soft_token_init) == ("latent", False, "random")
-    assert CoprocessorConfig.from_dict(config.to_dict()).readout == "token"
 
 
 def test_interface_parameters_are_the_few_where_coprocessor_meets_base():
@@ -128,13 +80,3 @@ def test_interface_parameters_are_the_few_where_coprocessor_meets_base():
 assert set(FULL_ATTENTION) <= set(ARCHITECTURES)
 
 
-def test_interface_lr_gets_its_own_optimiser_group():
-    from cacheaug.config import TrainArgs
-    from cacheaug.train import parameter_groups
-
-    lm = _lm("llama", perturb=False, readout="token", latent_gate=True)
-    one, two = parameter_groups(lm, TrainArgs()), parameter_groups(lm, TrainArgs(interface_lr=1e-2))
-    assert len(one) == 1 and len(one[0]["params"]) == len(lm.trainable_parameters())
-    assert len(two) == 2 and two[1]["lr"] == 1e-2
-    assert {id(p) for p in two[1]["params"]} == {id(p) for p in lm.interface_parameters()}
-    assert sum(len(g["params"]) for g in two) == len(lm.trainable_parameters())

@@ -17,8 +17,8 @@ from cacheaug.eval.harness import CacheAugLM, run_harness  # noqa: E402
 from cacheaug.eval.likelihood import context_state, encode  # noqa: E402
 from cacheaug.eval.mc import evaluate_mc  # noqa: E402
 from cacheaug.generate import generate_until  # noqa: E402
-from test_evaluate import trained_checkpoint  # noqa: E402
-from test_mc import ITEMS, biased_lm  # noqa: E402
+from helpers import MC_ITEMS as ITEMS  # noqa: E402
+from helpers import biased_lm, trained_checkpoint  # noqa: E402
 
 MORE = [
     {"context": "Question: 2 + 2 =", "choices": ["4", "5", "22"], "gold": 0},

@@ -4,29 +4,22 @@ from __future__ import annotations
 
 import json
 import math
-from pathlib import Path
 
 import pytest
 import torch
 import torch.nn.functional as F
 
-from cacheaug import AugmentedLM, CoprocessorConfig
+from cacheaug import AugmentedLM
 from cacheaug.cli import main
-from cacheaug.config import PAPER_RECIPE  # the point-by-point reference feeds latents as the paper does
 from cacheaug.eval.metrics import PositionEval, evaluate_positions, position_points
-from conftest import VOCAB, make_base
-
-ROOT = Path(__file__).resolve().parents[1]
-WIKITEXT = ROOT.parent / "shared" / "data" / "wikitext2" / "test.txt"  # ../shared/data, as in configs/
+from helpers import PAPER, ROOT, VOCAB, perturbed_lm, trained_checkpoint
 
 
 def _lm(arch: str, num_latents: int = 3, method: str = "coprocessor") -> AugmentedLM:
-    lm = AugmentedLM(make_base(arch), CoprocessorConfig(num_latents=num_latents, num_ahead=2, method=method, **PAPER_RECIPE))
-    generator = torch.Generator().manual_seed(3)
-    with torch.no_grad():  # move the coprocessor away from the base's weights so latents matter
-        for parameter in lm.trainable_parameters():
-            parameter.add_(torch.randn(parameter.shape, generator=generator) * 0.05)
-    return lm.eval()
+    """The point-by-point reference feeds the latents as the paper does."""
+    return perturbed_lm(arch, seed=3, num_latents=num_latents, num_ahead=2, method=method, **PAPER).eval()
+
+WIKITEXT = ROOT.parent / "shared" / "data" / "wikitext2" / "test.txt"  # ../shared/data, as in configs/
 
 
 @torch.no_grad()
@@ -93,15 +86,6 @@ def test_points_leave_full_windows_and_pause_tokens_evaluate():
     assert result.relative_change[0] == pytest.approx(100 * (math.exp(result.nll_augmented[0] - result.nll_base[0]) - 1))
     assert PositionEval.from_dict(json.loads(json.dumps(result.to_dict()))) == result
     assert "| 1 |" in result.table() and "| 8 |" not in result.table()
-
-
-def trained_checkpoint(tmp_path_factory) -> Path:
-    """A checkpoint of `cacheaug train --config configs/tiny.yaml`, trained once per test session."""
-    out = tmp_path_factory.getbasetemp() / "tiny-run"
-    if not (out / "step-000004" / "coprocessor.safetensors").is_file():
-        assert main(["train", "--config", str(ROOT / "configs" / "tiny.yaml"), "--train.output_dir", str(out),
-                     "--overwrite"]) == 0
-    return out / "step-000004"
 
 
 @pytest.fixture(scope="module")

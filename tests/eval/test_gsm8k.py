@@ -26,7 +26,7 @@ from cacheaug.eval.gsm8k import (
 from cacheaug.eval.likelihood import encode
 from cacheaug.generate import generate_until
 from cacheaug.state import context_state
-from test_evaluate import trained_checkpoint
+from helpers import trained_checkpoint
 
 SHARED = Path(__file__).resolve().parents[2] / "shared" / "data" / "gsm8k"  # ../shared/data, as in configs/
 
@@ -123,96 +123,6 @@ def test_accuracy_bookkeeping_with_canned_generations(monkeypatch):
     assert [r["extracted"] for r in records] == [13, 12, 1234, 5]
     assert records[0]["prompt"].endswith(question_prompt(TEST[0]["question"])) and records[0]["gold"] == 13
     assert result.shots == 2 and result.num_items == 2 and "augmented | 100.00" in result.table()
-
-
-def test_generation_stops_at_stop_sequences_and_eos():
-    base, tokenizer = load_base("tiny-random")
-    base.lm_head = _biased_head(base.lm_head, ord("z"))  # greedy decoding writes "zzzz..."
-    lm = AugmentedLM(base, CoprocessorConfig(num_latents=2, num_ahead=3)).eval()
-    prompt = encode(tokenizer, "Question: hi")
-    state = context_state(lm, prompt, True)
-    start = state.next_position
-    assert generate_until(lm, tokenizer, state, 7, ["Q"]) == "z" * 7
-    assert state.next_position == start + 6  # the last token is returned, not fed
-    state = context_state(lm, prompt, True)
-    assert generate_until(lm, tokenizer, state, 20, ["\n\n", "zzz"]) == ""  # cut before the stop sequence
-    assert state.next_position == start + 2
-    base.lm_head = _biased_head(base.lm_head, tokenizer.eos_token_id, 100.0)
-    assert generate_until(lm, tokenizer, context_state(lm, prompt, False), 20) == ""
-
-
-def _byte_vocab_base(arch: str):
-    """A tiny random ``arch`` model over the byte tokenizer's 257 ids (256 = eos)."""
-    from transformers import AutoModelForCausalLM
-
-    from conftest import _configs
-
-    config = _configs()[arch]
-    config.vocab_size, config.eos_token_id = 257, 256
-    torch.manual_seed(0)
-    return AutoModelForCausalLM.from_config(config).eval()
-
-
-@pytest.mark.parametrize("recipe", ["paper", "token_gate"])
-@pytest.mark.parametrize("arch", ["llama", "gpt2", "qwen3", "gemma3", "mistral"])
-@torch.no_grad()
-def test_batched_generation_equals_one_by_one(arch, recipe):
-    # Padded rows of different lengths on the shared exemplar cache give the texts and logits of each prompt
-    # decoded alone: plain, augmented, and with the latents delayed by 2 tokens (as the async Generation).
-    from cacheaug.generate import cut_at_stop, generate_until_batch
-    from cacheaug.state import padded_batches_are_exact, padded_context_states
-    from cacheaug.stream import generate_text
-    from cacheaug.models import byte_tokenizer
-
-    tokenizer = byte_tokenizer()
-    options = {} if recipe == "paper" else {"readout": "token", "latent_gate": True}
-    lm = AugmentedLM(_byte_vocab_base(arch), CoprocessorConfig(num_latents=3, num_ahead=3, **options)).eval()
-    for parameter in lm.coprocessor.parameters():  # a coprocessor that is not the base's copy
-        parameter.add_(0.05 * torch.randn_like(parameter))
-    exact = padded_batches_are_exact(lm.base.config)
-    assert exact == (arch in ("llama", "gpt2", "qwen3"))
-    prefix = encode(tokenizer, "Question: shared exemplars.\n\n")
-    shared = lm.prefill(torch.tensor([prefix])).cache
-    contexts = [encode(tokenizer, text) for text in ("Q: a?", "Question: a longer one here?", "Q?", "Question: mid")]
-    batches = [contexts] if exact else [[context] for context in contexts]
-    alone = [generate_until(lm, tokenizer, context_state(lm, ids, False, shared), 14) for ids in contexts]
-    # a stop string the rows reach at different steps (or never), so finished rows leave the batch mid-way
-    candidates = sorted({char for text in alone for char in text if char != "\ufffd"})
-    stop = next([char] for char in candidates if len({len(cut_at_stop(text, [char])) for text in alone}) > 1)
-    for augment, delay in ((False, None), (True, None), (True, 2)):
-        got = []
-        for batch in batches:
-            state = padded_context_states(lm, batch, augment, shared, delay=delay)
-            if delay is None:
-                for row, ids in enumerate(batch):
-                    single = context_state(lm, ids, augment, shared)
-                    assert int(state.next_position[row]) == single.next_position
-                    torch.testing.assert_close(state.logits[row], single.logits[0], rtol=1e-4, atol=1e-5)
-            got += generate_until_batch(lm, tokenizer, state, 14, stop)
-        if delay is None:
-            expected = [generate_until(lm, tokenizer, context_state(lm, ids, augment, shared), 14, stop) for ids in contexts]
-        else:
-            from cacheaug.state import AugmentedCache
-
-            expected = []
-            for ids in contexts:
-                context = AugmentedCache(shared, len(prefix), torch.zeros(1, 257))
-                expected.append(generate_text(
-                    lm, torch.tensor([ids]), 14, augment="async", async_delay_tokens=delay, stop=stop,
-                    tokenizer=tokenizer, context=context, eos_token_id=tokenizer.eos_token_id,
-                ).text)
-        assert got == expected, (augment, delay)
-        if not augment:
-            assert got == [cut_at_stop(text, stop) for text in alone]
-
-
-def _biased_head(head, token: int, bias: float = 30.0):
-    biased = torch.nn.Linear(head.in_features, head.out_features, bias=True)
-    with torch.no_grad():
-        biased.weight.copy_(head.weight)
-        biased.bias.copy_(head.bias if head.bias is not None else torch.zeros(head.out_features))
-        biased.bias[token] += bias
-    return biased.requires_grad_(False)
 
 
 def _write(path: Path, rows: list[dict]) -> Path:

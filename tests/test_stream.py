@@ -11,23 +11,18 @@ import torch
 
 from cacheaug import AugmentedLM, CoprocessorConfig
 from cacheaug import cache as kv
-from cacheaug.config import PAPER_RECIPE  # these tests recompute the paper's layout (test_recipe: the new one)
 from cacheaug.generate import decode
 from cacheaug.state import latents_for, prefill
 from cacheaug.stream import FinishEvent, TextStream, TokenEvent, generate_text, stream
 from cacheaug.models import byte_tokenizer
-from conftest import VOCAB, make_base
+from helpers import PAPER, VOCAB, full_recompute, make_base, perturbed_lm
 
 NUM_LATENTS = 4
 
 
 def _lm(arch: str = "llama") -> AugmentedLM:
-    lm = AugmentedLM(make_base(arch), CoprocessorConfig(num_latents=NUM_LATENTS, **PAPER_RECIPE))
-    generator = torch.Generator().manual_seed(2)
-    with torch.no_grad():  # a visible effect of the latents, as after training
-        for parameter in lm.trainable_parameters():
-            parameter.add_(torch.randn(parameter.shape, generator=generator) * 0.05)
-    return lm
+    """The paper's layout (test_recipe.py streams the new recipe), perturbed so that the latents matter."""
+    return perturbed_lm(arch, seed=2, num_latents=NUM_LATENTS, **PAPER)
 
 
 def _prompt(length: int = 9, seed: int = 0) -> torch.Tensor:
@@ -42,26 +37,6 @@ def _events(generation) -> tuple[list[TokenEvent], FinishEvent]:
 
 def _logits(tokens: list[TokenEvent]) -> torch.Tensor:
     return torch.stack([event.logits for event in tokens])  # (n, V)
-
-
-def _full_recompute(lm, prompt: torch.Tensor, tokens: list[int], insertions: list[int], latents: list[torch.Tensor]):
-    """One cacheless pass over [prompt ; ... latents inserted before token i ... ; tokens but the last]:
-    (n, V) logits that predicted each generated token."""
-    embed = lm.base.get_input_embeddings()
-    pieces, predicting = [embed(prompt)], []
-    length = prompt.shape[1]
-    for index, token in enumerate(tokens):
-        if index in insertions:
-            block = latents[insertions.index(index)]  # (1, N_L, H)
-            pieces.append(block)
-            length += block.shape[1]
-        predicting.append(length - 1)
-        if index < len(tokens) - 1:
-            pieces.append(embed(torch.tensor([[token]])))
-            length += 1
-    with torch.no_grad():
-        full = lm.base(inputs_embeds=torch.cat(pieces, dim=1)).logits[0]  # (L, V)
-    return full[predicting]
 
 
 @pytest.mark.parametrize("arch", ["llama", "gemma3", "gpt2"])
@@ -151,7 +126,7 @@ def test_async_delay_inserts_latents_at_the_current_position(arch):
         expected_latents = latents_for(lm, prefill(lm.base, prompt).cache)
     assert torch.equal(generation.latents[0], expected_latents)
     ids = [e.token_id for e in tokens]
-    full = _full_recompute(lm, prompt, ids, [delay], generation.latents)
+    full = full_recompute(lm, prompt, ids, [delay], generation.latents)
     torch.testing.assert_close(_logits(tokens), full, rtol=1e-4, atol=1e-4)
     assert kv.cache_length(generation.state.cache) == prompt.shape[1] + NUM_LATENTS + len(ids) - 1
 
@@ -218,7 +193,7 @@ def test_reaugment_every_k_tokens_equals_full_recompute(arch):
     assert kv.cache_length(generation.state.cache) == prompt.shape[1] + 4 * NUM_LATENTS + len(ids) - 1
     assert generation.state.next_position == kv.cache_length(generation.state.cache)
     assert len({tuple(block.flatten()[:4].tolist()) for block in generation.latents}) == 4  # each one new
-    full = _full_recompute(lm, prompt, ids, finish.insertions, generation.latents)
+    full = full_recompute(lm, prompt, ids, finish.insertions, generation.latents)
     torch.testing.assert_close(_logits(tokens), full, rtol=1e-4, atol=1e-4)
     assert ids == full.argmax(-1).tolist()
 

@@ -6,38 +6,14 @@ import json
 
 import pytest
 import torch
-from torch import nn
 
-from cacheaug import AugmentedLM, CoprocessorConfig, load_base
 from cacheaug import cache as kv
 from cacheaug.cli import main
-from cacheaug.config import PAPER_RECIPE  # the one-forward reference reads the paper's layout
+from helpers import MC_BIAS as BIAS
+from helpers import MC_ITEMS as ITEMS
+from helpers import biased_lm, trained_checkpoint
 from cacheaug.eval.likelihood import context_state, continuation_logprobs, encode_pair
 from cacheaug.eval.mc import evaluate_mc, read_mc_items
-
-BIAS = 30.0  # every byte but "z" costs about BIAS nats: one continuation's likelihood dominates by construction
-
-
-def biased_lm(method: str = "coprocessor") -> tuple[AugmentedLM, object]:
-    """tiny-random whose LM head gets a bias of +BIAS on the byte "z"."""
-    base, tokenizer = load_base("tiny-random")
-    head = base.lm_head
-    biased = nn.Linear(head.in_features, head.out_features, bias=True)
-    with torch.no_grad():
-        biased.weight.copy_(head.weight)
-        biased.bias.zero_()
-        biased.bias[ord("z")] = BIAS
-    base.lm_head = biased.requires_grad_(False)
-    return AugmentedLM(base, CoprocessorConfig(num_latents=2, num_ahead=3, method=method, **PAPER_RECIPE)).eval(), tokenizer
-
-
-ITEMS = [
-    # " zzz" costs ~BIAS (the space), the others ~BIAS per byte: acc and acc_norm both pick it
-    {"context": "Pick one:", "choices": ["abc", "zzz", "bzz"], "gold": 1},
-    # " q" costs ~2*BIAS in all; " zzz...zqq" costs ~3*BIAS but spread over 42 characters:
-    # acc picks "q" (wrong here), acc_norm (per character of the choice) picks the long one (right)
-    {"context": "And now:", "choices": ["q", "z" * 40 + "qq"], "gold": 1},
-]
 
 
 def test_planted_answer_and_acc_norm():
@@ -88,8 +64,6 @@ def test_pause_tokens_and_bad_rows(tmp_path):
 
 
 def test_cli_mc_end_to_end(tmp_path_factory, tmp_path, capsys):
-    from test_evaluate import trained_checkpoint
-
     checkpoint = trained_checkpoint(tmp_path_factory)
     data = tmp_path / "items.jsonl"
     data.write_text("".join(json.dumps(item) + "\n" for item in ITEMS))

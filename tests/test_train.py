@@ -1,4 +1,5 @@
-"""Exact resume after SIGINT or a hard kill, and data-parallel equivalence (2 gloo processes)."""
+"""The training loop: exact resume after SIGINT or a hard kill, data-parallel equivalence (2 gloo processes),
+the optimiser groups of interface_lr."""
 
 from __future__ import annotations
 
@@ -13,6 +14,8 @@ from pathlib import Path
 import pytest
 import torch
 from safetensors.torch import load_file
+
+from helpers import perturbed_lm
 
 ROOT = Path(__file__).resolve().parents[1]
 TINY = str(ROOT / "configs" / "tiny.yaml")
@@ -112,3 +115,15 @@ def test_fsdp_equals_one_process_and_resumes_exactly(tmp_path):
     resumed = _weights(sharded, 4)
     for name in straight:
         assert torch.equal(resumed[name], straight[name]), name
+
+
+def test_interface_lr_gets_its_own_optimiser_group():
+    from cacheaug.config import TrainArgs
+    from cacheaug.train import parameter_groups
+
+    lm = perturbed_lm("llama", scale=0, num_latents=3, readout="token", latent_gate=True)
+    one, two = parameter_groups(lm, TrainArgs()), parameter_groups(lm, TrainArgs(interface_lr=1e-2))
+    assert len(one) == 1 and len(one[0]["params"]) == len(lm.trainable_parameters())
+    assert len(two) == 2 and two[1]["lr"] == 1e-2
+    assert {id(p) for p in two[1]["params"]} == {id(p) for p in lm.interface_parameters()}
+    assert sum(len(g["params"]) for g in two) == len(lm.trainable_parameters())

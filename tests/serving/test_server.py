@@ -12,7 +12,6 @@ from fastapi.testclient import TestClient
 
 from cacheaug import AugmentedLM, CoprocessorConfig, load_base
 from cacheaug.models import byte_tokenizer
-from cacheaug.serving.loadtest import BackgroundServer, percentile, run_load_test
 from cacheaug.serving.server import create_app
 
 CHAT_TEMPLATE = (
@@ -184,25 +183,6 @@ def test_chat_needs_a_template_and_streams(model):
         assert streamed == reply["choices"][0]["message"]["content"]
         bad = client.post("/v1/chat/completions", json={"messages": [{"role": "robot", "content": "x"}]})
         assert bad.status_code == 400 and "messages.0.role" in bad.json()["error"]["message"]
-
-
-def test_loopback_server_and_load_test(model):
-    import httpx
-
-    lm, tokenizer = model
-    with BackgroundServer(create_app(lm, tokenizer)) as server:
-        assert server.url.startswith("http://127.0.0.1:")
-        assert httpx.get(f"{server.url}/health").json()["status"] == "ok"
-        payloads = [{"prompt": f"load {i}", "max_tokens": 4, "temperature": 0, "augment": "async"} for i in range(6)]
-        result = run_load_test(server.url, payloads, concurrency=3)
-        assert result.errors == 0 and result.requests == 6 and result.latency_p95_s >= result.latency_p50_s > 0
-        refused = run_load_test(server.url, [{"prompt": "x", "max_tokens": 0}], concurrency=1)
-        assert refused.errors == 1 and "HTTP 400" in refused.error_samples[0]
-
-
-def test_percentile():
-    assert percentile([3.0, 1.0, 2.0], 50) == 2.0
-    assert percentile([1.0, 2.0], 95) == pytest.approx(1.95)
 
 
 def test_serve_cli_loads_the_checkpoint(tmp_path, monkeypatch):
