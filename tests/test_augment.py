@@ -6,13 +6,14 @@ import pytest
 import torch
 
 from cacheaug import AugmentedLM, CoprocessorConfig
+from cacheaug.config import PAPER_RECIPE
 from cacheaug import cache as kv
 from cacheaug.generate import decode
 from conftest import VOCAB, make_base
 
 
 def _lm(arch: str, **config) -> AugmentedLM:
-    lm = AugmentedLM(make_base(arch), CoprocessorConfig(**{"num_latents": 4, **config}))
+    lm = AugmentedLM(make_base(arch), CoprocessorConfig(**{"num_latents": 4, **PAPER_RECIPE, **config}))
     generator = torch.Generator().manual_seed(2)
     with torch.no_grad():
         for parameter in lm.trainable_parameters():
@@ -135,9 +136,9 @@ def test_coprocessor_has_no_embedding_table_or_head():
 
 def test_scratch_and_lora_initialisation():
     base_weights = _lm("llama").base.model.layers[0].mlp.up_proj.weight
-    scratch = AugmentedLM(make_base("llama"), CoprocessorConfig(init="scratch"))
+    scratch = AugmentedLM(make_base("llama"), CoprocessorConfig(init="scratch", **PAPER_RECIPE))
     assert not torch.equal(scratch.coprocessor.stack.layers[0].mlp.up_proj.weight, base_weights)
-    lora = AugmentedLM(make_base("llama"), CoprocessorConfig(lora_rank=4))
+    lora = AugmentedLM(make_base("llama"), CoprocessorConfig(lora_rank=4, **PAPER_RECIPE))
     trainable = [name for name, p in lora.coprocessor.named_parameters() if p.requires_grad]
     assert "soft_tokens" in trainable and all("lora_" in n for n in trainable if n not in ("soft_tokens", "latent_scale"))
     assert "trainable" in lora.trainable_summary()
@@ -164,7 +165,7 @@ def test_scaled_latents_enter_at_the_embedding_scale():
     lm = _lm("llama", scale_latents=True)
     assert lm.coprocessor.latent_scale.shape == (1,) and lm.coprocessor.latent_scale.requires_grad
     with torch.no_grad():
-        raw = AugmentedLM(make_base("llama"), CoprocessorConfig(num_latents=4)).augment(_prompt()).latents
+        raw = AugmentedLM(make_base("llama"), CoprocessorConfig(num_latents=4, **PAPER_RECIPE)).augment(_prompt()).latents
         scaled = lm.augment(_prompt()).latents
     expected = embedding_output_std(lm.base)
     assert 0.3 * expected < scaled.std().item() < 3 * expected

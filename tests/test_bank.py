@@ -90,7 +90,9 @@ def test_bank_hit_equals_recomputation_and_is_a_copy(tmp_path):
         assert torch.equal(out.tokens, expected.tokens) and torch.equal(out.logits, expected.logits)
     assert kv.caches_equal(bank.get_or_build(ids).cache, fresh.cache)  # the stored entry is intact
     assert kv.caches_equal(CacheBank(tmp_path, lm).get_or_build(ids).cache, fresh.cache)
-    assert built.next_position == ids.shape[1] + NUM_LATENTS
+    # the default recipe reads the last token again after the latents: positions do not advance
+    assert built.next_position == ids.shape[1] and kv.cache_length(built.cache) == ids.shape[1] + NUM_LATENTS + 1
+    assert torch.equal(built.slot_mask, fresh.slot_mask) and torch.equal(built.latent_slots, fresh.latent_slots)
 
 
 def test_queries_after_a_banked_context_equal_recomputation(tmp_path):
@@ -102,7 +104,7 @@ def test_queries_after_a_banked_context_equal_recomputation(tmp_path):
     for seed in (1, 2, 3):  # any number of later queries, each from a fresh copy
         query = _ids(length=5, seed=seed)
         with torch.no_grad():
-            expected = decode(lm.base, lm.prefill(query, lm.augment(context).cache), 6)
+            expected = decode(lm.base, lm.prefill(query, lm.augment(context)), 6)
         got = generate_text(lm, query, 6, augment="off", context=CacheBank(tmp_path, lm).get_or_build(context))
         assert got.token_ids == expected.tokens[0].tolist()
         torch.testing.assert_close(got.logits, expected.logits[0], rtol=0, atol=0)

@@ -42,7 +42,7 @@ def test_lora_checkpoint_holds_only_adapters(tmp_path):
 
     _trained(lora_rank=2).save_pretrained(tmp_path / "ckpt")
     names = load_file(str(tmp_path / "ckpt" / WEIGHTS_NAME)).keys()
-    assert all(n in ("soft_tokens", "latent_scale") or "lora_" in n for n in names)
+    assert all(n in ("soft_tokens", "latent_scale", "gate") or "lora_" in n for n in names)
 
 
 def test_other_base_is_refused(tmp_path):

@@ -10,6 +10,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+from cacheaug.state import feed_token
 from cacheaug import AugmentedLM, CoprocessorConfig
 from cacheaug.cli import main
 from cacheaug.evaluate import PositionEval, evaluate_positions, position_points
@@ -46,12 +47,8 @@ def _point_by_point(lm: AugmentedLM, batch: torch.Tensor, num_offsets: int, ever
                 sums["aug"][k - 1] += F.cross_entropy(logits.float(), batch[row, target : target + 1]).item()
                 sums["base"][k - 1] += F.cross_entropy(base_logits[row, target - 1 : target].float(), batch[row, target : target + 1]).item()
                 counts[k - 1] += 1
-                out = lm.base(
-                    input_ids=batch[row : row + 1, target : target + 1], cache=state.cache,
-                    position_ids=torch.tensor([[state.next_position]]), use_cache=True,
-                )
-                state.next_position += 1
-                logits = out.logits[:, -1]
+                feed_token(lm.base, state, batch[row, target : target + 1])  # one decode step, as inference
+                logits = state.logits
     return (sums["aug"] / counts).tolist(), (sums["base"] / counts).tolist(), counts.tolist()
 
 

@@ -10,6 +10,7 @@ import pytest
 import torch
 
 from cacheaug import AugmentedLM, CoprocessorConfig
+from cacheaug.config import PAPER_RECIPE
 from cacheaug import cache as kv
 from cacheaug.generate import FinishEvent, TextStream, TokenEvent, decode, generate_text, latents_for, prefill, stream
 from cacheaug.models import byte_tokenizer
@@ -19,7 +20,7 @@ NUM_LATENTS = 4
 
 
 def _lm(arch: str = "llama") -> AugmentedLM:
-    lm = AugmentedLM(make_base(arch), CoprocessorConfig(num_latents=NUM_LATENTS))
+    lm = AugmentedLM(make_base(arch), CoprocessorConfig(num_latents=NUM_LATENTS, **PAPER_RECIPE))
     generator = torch.Generator().manual_seed(2)
     with torch.no_grad():  # a visible effect of the latents, as after training
         for parameter in lm.trainable_parameters():

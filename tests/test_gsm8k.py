@@ -9,6 +9,7 @@ import pytest
 import torch
 
 from cacheaug import AugmentedLM, CoprocessorConfig, load_base
+from cacheaug.config import PAPER_RECIPE
 from cacheaug import gsm8k
 from cacheaug.cli import main
 from cacheaug.corpus import render_document
@@ -162,7 +163,7 @@ def test_batched_generation_equals_one_by_one(arch, recipe):
     from cacheaug.models import byte_tokenizer
 
     tokenizer = byte_tokenizer()
-    options = {} if recipe == "paper" else {"readout": "token", "latent_gate": True}
+    options = PAPER_RECIPE if recipe == "paper" else {"readout": "token", "latent_gate": True}
     lm = AugmentedLM(_byte_vocab_base(arch), CoprocessorConfig(num_latents=3, num_ahead=3, **options)).eval()
     for parameter in lm.coprocessor.parameters():  # a coprocessor that is not the base's copy
         parameter.add_(0.05 * torch.randn_like(parameter))
@@ -196,7 +197,7 @@ def test_batched_generation_equals_one_by_one(arch, recipe):
                 context = AugmentedCache(shared, len(prefix), torch.zeros(1, 257))
                 expected.append(generate_text(
                     lm, torch.tensor([ids]), 14, augment="async", async_delay_tokens=delay, stop=stop,
-                    tokenizer=tokenizer, context=context,
+                    tokenizer=tokenizer, context=context, eos_token_id=tokenizer.eos_token_id,
                 ).text)
         assert got == expected, (augment, delay)
         if not augment:

@@ -9,6 +9,7 @@ import torch
 from torch import nn
 
 from cacheaug import AugmentedLM, CoprocessorConfig, load_base
+from cacheaug.config import PAPER_RECIPE
 from cacheaug import cache as kv
 from cacheaug.cli import main
 from cacheaug.evaluate import context_state, continuation_logprobs, encode_pair, evaluate_mc, read_mc_items
@@ -26,7 +27,7 @@ def biased_lm(method: str = "coprocessor") -> tuple[AugmentedLM, object]:
         biased.bias.zero_()
         biased.bias[ord("z")] = BIAS
     base.lm_head = biased.requires_grad_(False)
-    return AugmentedLM(base, CoprocessorConfig(num_latents=2, num_ahead=3, method=method)).eval(), tokenizer
+    return AugmentedLM(base, CoprocessorConfig(num_latents=2, num_ahead=3, method=method, **PAPER_RECIPE)).eval(), tokenizer
 
 
 ITEMS = [
