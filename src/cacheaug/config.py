@@ -166,6 +166,8 @@ def identity_mismatches(saved: dict[str, Any], current: dict[str, Any]) -> list[
 
 PRECISIONS = ("fp32", "bf16")
 STRATEGIES = ("ddp", "fsdp")
+# Attention of the training pass (flex.py): auto = flex on CUDA, block elsewhere; sdpa = dense fallback.
+ATTENTIONS = ("auto", "block", "flex", "sdpa")
 
 
 @dataclass
@@ -189,6 +191,8 @@ class TrainArgs:
     seed: int = 0  # model initialisation, augmentation points and RNG state
     precision: str = "fp32"  # "bf16": autocast of the loss computation
     strategy: str = "ddp"  # with several processes: "ddp" replicates the coprocessor, "fsdp" shards it
+    attention: str = "auto"  # training pass: "block" (CPU kernel), "flex" (FlexAttention, CUDA), "sdpa" (dense)
+    compile_coprocessor: bool = False  # torch.compile the coprocessor stack (static shapes)
     log_every: int = 1  # steps between metrics.jsonl lines
     eval_every: int = 50  # 0: only at the end
     eval_batches: int = 4  # validation batches per evaluation
@@ -218,7 +222,9 @@ class TrainArgs:
             raise ConfigError(f"strategy must be one of {STRATEGIES}, got {self.strategy!r}")
         if self.precision not in PRECISIONS:
             raise ConfigError(f"precision must be one of {PRECISIONS}, got {self.precision!r}")
-        for name in ("resume", "overwrite"):
+        if self.attention not in ATTENTIONS:
+            raise ConfigError(f"attention must be one of {ATTENTIONS}, got {self.attention!r}")
+        for name in ("resume", "overwrite", "compile_coprocessor"):
             if not isinstance(getattr(self, name), bool):
                 raise ConfigError(f"{name} must be true or false, got {getattr(self, name)!r}")
         if not self.output_dir or not isinstance(self.output_dir, str):

@@ -17,7 +17,8 @@ from torch import nn
 from . import cache as kv
 from . import state as steps
 from .config import CoprocessorConfig
-from .masks import block_attention_for, block_attention_mask, group_layout, readout_layout
+from .flex import resolve_attention, training_attention
+from .masks import block_attention_for, group_layout, readout_layout
 from .state import AugmentedCache
 
 __all__ = ["AugmentedCache", "AugmentedLM", "Coprocessor", "LossOutput"]
@@ -194,7 +195,10 @@ class AugmentedLM(nn.Module):
     # ------------------------------------------------------------------ inference
     @torch.no_grad()
     def prefill(self, input_ids: torch.Tensor, cache=None) -> AugmentedCache:
-        """Run the frozen base over ``input_ids`` (B, T), on a copy of ``cache`` (a plain cache) when given."""
+        """Run the frozen base over ``input_ids`` (B, T), after a copy of ``cache`` when given: a plain cache,
+        or an AugmentedCache to continue (an augmented one must be: it carries the hidden and latent slots)."""
+        if isinstance(cache, AugmentedCache):
+            return steps.prefill(self.base, input_ids, cache)
         return steps.prefill(self.base, input_ids, cache=cache)
 
     def augment(self, input_ids: torch.Tensor | None = None, cache=None) -> AugmentedCache:
@@ -271,9 +275,9 @@ class AugmentedLM(nn.Module):
         if points.numel() and (points.min() < 0 or points.max() > length - 2):
             raise ValueError(f"augmentation points must lie in 0..{length - 2} (sequence length {length})")
 
-    def forward(self, input_ids: torch.Tensor, points: torch.Tensor | None = None) -> LossOutput:
+    def forward(self, input_ids: torch.Tensor, points: torch.Tensor | None = None, attention: str = "block") -> LossOutput:
         """``training_loss``; being ``forward`` lets DistributedDataParallel wrap the model."""
-        return self.training_loss(input_ids, points)
+        return self.training_loss(input_ids, points, attention=attention)
 
     @torch.no_grad()
     def unaugmented_loss(
@@ -301,13 +305,16 @@ class AugmentedLM(nn.Module):
         generator: torch.Generator | None = None,
         *,
         num_ahead: int | None = None,
+        attention: str = "block",
     ) -> LossOutput:
         """The paper's loss for every augmentation point of every sequence, in one pass (section 2.3).
 
         input_ids (B, T); points (B, P), point t = augment after reading x_0..x_t. Each point's latents and
         its N_A-1 ahead input tokens form one group; targets are x_{t+1..t+N_A}, cut at the sequence end.
         ``num_ahead`` overrides the config's N_A (evaluation scores e.g. 32 tokens after the latents).
+        ``attention``: "block" (masks.block_attention), "flex" (FlexAttention, CUDA), "sdpa" (dense) or "auto".
         """
+        attention = resolve_attention(attention, self.device, training=torch.is_grad_enabled())
         num_latents, num_ahead = self.config.num_latents, num_ahead or self.config.num_ahead
         batch, length = input_ids.shape if input_ids.ndim == 2 else (0, 0)
         if points is None:
@@ -325,14 +332,15 @@ class AugmentedLM(nn.Module):
         # 2. Coprocessor: P groups of N_L soft tokens, group p sees prefix 0..t_p and itself (causally).
         soft_layout = group_layout(points, num_latents)
         stack = self.coprocessor.stack
-        soft_mask = None if stack is None else block_attention_mask(stack.config, soft_layout, length, dtype)
-        with block_attention_for(stack):
+        soft = training_attention(attention, None if stack is None else stack.config, soft_layout, length, dtype)
+        with block_attention_for(stack, implementation=soft.implementation):
             latents = self.coprocessor(
                 kv.first_layers(prefix, self.num_coprocessor_layers),
                 soft_layout.position_ids,
-                soft_mask,
+                soft.mask,
                 num_points,
                 cacheaug_group_size=num_latents,
+                **soft.kwargs,
             )  # (B, P*N_L, H)
 
         # 3. Base: P groups of latents and ahead inputs, each seeing the prefix and itself (causally).
@@ -350,7 +358,10 @@ class AugmentedLM(nn.Module):
             base_layout = readout_layout(points, num_latents, num_ahead)
         else:
             base_layout = group_layout(points, group_size)
-        base_mask = block_attention_mask(self.base.config, base_layout, length, dtype)
+        gated = self.coprocessor.gate is not None
+        base_attention = training_attention(
+            attention, self.base.config, base_layout, length, dtype, num_latents if gated else None
+        )
         # Score the N_A positions per group that predict x_{t+1..t+N_A}: the last latent (or x_t) onwards.
         first_scored = num_latents if token_readout else num_latents - 1
         scored = (
@@ -361,16 +372,17 @@ class AugmentedLM(nn.Module):
         gates = {}
         if self.coprocessor.gate is not None:
             gates = {"cacheaug_gates": self.coprocessor.gate, "cacheaug_num_latents": num_latents}
-        with block_attention_for(self.base):
+        with block_attention_for(self.base, implementation=base_attention.implementation):
             out = self.base(
                 inputs_embeds=group_embeds.flatten(1, 2),
                 cache=kv.copy_cache(prefix),
                 position_ids=base_layout.position_ids,
-                attention_mask=base_mask,
+                attention_mask=base_attention.mask,
                 use_cache=True,
                 logits_to_keep=scored,
                 cacheaug_group_size=group_size,
                 **gates,
+                **base_attention.kwargs,
             )
         logits = out.logits.view(batch, num_points, num_ahead, -1)
         targets = tokens.masked_fill(~in_sequence, -100)

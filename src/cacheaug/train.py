@@ -24,6 +24,7 @@ from .distributed import Runtime, full_tensors, load_optimizer_state, optimizer_
 from .errors import CacheaugError, RunFolderError, require_extra
 from .eval.metrics import AheadEval, evaluate_ahead
 from .eval.report import plot_curves
+from .flex import resolve_attention
 from .models import load_base
 from .outputs import JsonlWriter, write_json, write_text
 
@@ -90,6 +91,7 @@ def train(config: RunConfig, command: str | None = None) -> TrainResult:
     if config.coprocessor.lora_rank is not None:
         require_extra("peft", "lora", "a LoRA coprocessor (lora_rank)")
     runtime = Runtime.from_environment()
+    attention = resolve_attention(args.attention, runtime.device)  # flex without CUDA fails here, not mid-run
     resume_from = prepare_output_dir(args, runtime)
     out = Path(args.output_dir)
     if runtime.is_main:
@@ -101,8 +103,11 @@ def train(config: RunConfig, command: str | None = None) -> TrainResult:
     torch.manual_seed(args.seed)
     base, tokenizer = load_base(config.model, config.dtype)
     lm = AugmentedLM(base.to(runtime.device), config.coprocessor).to(runtime.device)
+    if args.compile_coprocessor and lm.coprocessor.stack is not None:
+        lm.coprocessor.stack.compile(dynamic=False)  # in place: parameter names, checkpoints unchanged
     if runtime.is_main:
-        print(f"cacheaug | {config.model} | {lm.trainable_summary()} | world size {runtime.world_size}", flush=True)
+        print(f"cacheaug | {config.model} | {lm.trainable_summary()} | world size {runtime.world_size} | "
+              f"attention {attention} | {args.precision}", flush=True)
     data, validation = build_training_data(
         config.data, tokenizer, args.batch_size, min_doc_tokens=lm.config.num_ahead + 1,
         max_val_batches=args.eval_batches,
@@ -182,7 +187,7 @@ def train(config: RunConfig, command: str | None = None) -> TrainResult:
                     lm.coprocessor.set_requires_gradient_sync(last_micro)
                 sync = model.no_sync() if runtime.distributed and not sharded and not last_micro else nullcontext()
                 with sync, autocast:
-                    micro_out = model(batch, points[first : first + args.batch_size])
+                    micro_out = model(batch, points[first : first + args.batch_size], attention=attention)
                     (micro_out.loss / args.grad_accum).backward()
                 loss_sum += micro_out.loss.item() / args.grad_accum
                 tokens += batch.numel()

@@ -18,8 +18,11 @@ from helpers import PAPER, VOCAB, perturbed_lm
 NUM_LATENTS = 3
 
 
-def _lm(arch: str = "gemma3", seed: int = 2) -> AugmentedLM:
-    return perturbed_lm(arch, seed=seed, num_latents=NUM_LATENTS, **PAPER)
+def _lm(arch: str = "gemma3", seed: int = 2, recipe: str = "paper") -> AugmentedLM:
+    return perturbed_lm(arch, seed=seed, num_latents=NUM_LATENTS, **(PAPER if recipe == "paper" else {}))
+
+
+RECIPES = ["paper", "default"]  # default: x_t read again after gated latents (hidden and latent slots saved)
 
 
 def _ids(length: int = 14, seed: int = 0) -> torch.Tensor:
@@ -31,8 +34,9 @@ def _decoded(lm, state, steps: int = 5):
         return decode(lm.base, state, steps)
 
 
-def test_bank_hit_equals_recomputation_and_is_a_copy(tmp_path):
-    lm, ids = _lm(), _ids()
+@pytest.mark.parametrize("recipe", RECIPES)
+def test_bank_hit_equals_recomputation_and_is_a_copy(tmp_path, recipe):
+    lm, ids = _lm(recipe=recipe), _ids()
     with torch.no_grad():
         fresh = lm.augment(ids)
     expected = _decoded(lm, lm.augment(ids))
@@ -48,19 +52,24 @@ def test_bank_hit_equals_recomputation_and_is_a_copy(tmp_path):
         assert torch.equal(out.tokens, expected.tokens) and torch.equal(out.logits, expected.logits)
     assert kv.caches_equal(bank.get_or_build(ids).cache, fresh.cache)  # the stored entry is intact
     assert kv.caches_equal(CacheBank(tmp_path, lm).get_or_build(ids).cache, fresh.cache)
-    assert built.next_position == ids.shape[1] + NUM_LATENTS
+    if recipe == "paper":
+        assert built.next_position == ids.shape[1] + NUM_LATENTS
+    else:  # the last token is read again after the latents at its own position: positions do not advance
+        assert built.next_position == ids.shape[1] and kv.cache_length(built.cache) == ids.shape[1] + NUM_LATENTS + 1
+        assert torch.equal(built.slot_mask, fresh.slot_mask) and torch.equal(built.latent_slots, fresh.latent_slots)
 
 
-def test_queries_after_a_banked_context_equal_recomputation(tmp_path):
+@pytest.mark.parametrize("recipe", RECIPES)
+def test_queries_after_a_banked_context_equal_recomputation(tmp_path, recipe):
     from cacheaug.stream import generate_text
 
-    lm, context = _lm("llama"), _ids(length=12)
+    lm, context = _lm("llama", recipe=recipe), _ids(length=12)
     bank = CacheBank(tmp_path, lm)
     bank.get_or_build(context)
     for seed in (1, 2, 3):  # any number of later queries, each from a fresh copy
         query = _ids(length=5, seed=seed)
         with torch.no_grad():
-            expected = decode(lm.base, lm.prefill(query, lm.augment(context).cache), 6)
+            expected = decode(lm.base, lm.prefill(query, lm.augment(context)), 6)  # the state, not its bare cache
         got = generate_text(lm, query, 6, augment="off", context=CacheBank(tmp_path, lm).get_or_build(context))
         assert got.token_ids == expected.tokens[0].tolist()
         torch.testing.assert_close(got.logits, expected.logits[0], rtol=0, atol=0)
