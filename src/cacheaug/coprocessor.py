@@ -225,32 +225,13 @@ class AugmentedLM(nn.Module):
         return self.coprocessor.num_layers
 
     @torch.no_grad()
-    def generate(
-        self,
-        input_ids: torch.Tensor,
-        max_new_tokens: int,
-        augment: bool = True,
-        do_sample: bool = False,
-        temperature: float = 1.0,
-        top_p: float = 1.0,
-        seed: int | None = None,
-        eos_token_id: int | None = None,
-    ) -> torch.Tensor:
-        """Prompt + generated tokens (B, T + n); ``augment=False`` decodes with the plain base."""
+    def generate(self, input_ids: torch.Tensor, max_new_tokens: int, augment: bool = True, **sampling) -> torch.Tensor:
+        """Prompt + generated tokens (B, T + n); ``augment=False`` decodes with the plain base. ``sampling``:
+        generate.decode's do_sample, temperature, top_p, seed, eos_token_id."""
         from .generate import decode  # generate builds on this module
 
         state = self.augment(input_ids) if augment else self.prefill(input_ids)
-        tokens = decode(
-            self.base,
-            state,
-            max_new_tokens,
-            do_sample=do_sample,
-            temperature=temperature,
-            top_p=top_p,
-            seed=seed,
-            eos_token_id=eos_token_id,
-        ).tokens
-        return torch.cat([input_ids, tokens], dim=1)
+        return torch.cat([input_ids, decode(self.base, state, max_new_tokens, **sampling).tokens], dim=1)
 
     # ------------------------------------------------------------------ training
     def sample_points(self, batch: int, length: int, generator: torch.Generator | None = None) -> torch.Tensor:

@@ -14,7 +14,8 @@ import time
 from pathlib import Path
 
 from ..checkpoint import describe, load_checkpoint
-from ..config import CONDITIONS, AheadArgs, DataArgs, Gsm8kArgs, HarnessArgs, McArgs, PerplexityArgs
+from ..config import DataArgs
+from ..verbs import CONDITIONS, AheadArgs, Gsm8kArgs, HarnessArgs, McArgs, PerplexityArgs
 from ..errors import DataError, require_extra
 from ..outputs import JsonlWriter, write_json, write_text
 
