@@ -26,7 +26,7 @@ import torch
 
 from cacheaug import AugmentedLM, CoprocessorConfig, load_base
 from cacheaug import cache as kv
-from cacheaug.checkpoint import load_checkpoint
+from cacheaug import load_checkpoint
 from cacheaug.data.arithmetic import arithmetic_problems
 from cacheaug.serving.loadtest import BackgroundServer, run_load_test
 from cacheaug.serving.server import create_app

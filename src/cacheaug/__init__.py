@@ -16,15 +16,15 @@ _LAZY = {
     "AugmentedLM": "coprocessor", "Coprocessor": "coprocessor", "LossOutput": "coprocessor",
     "AugmentedCache": "state", "DecodeState": "state",
     "load_base": "models",
-    "load_checkpoint": "checkpoint", "describe": "checkpoint",
+    "load_checkpoint": "coprocessor", "describe": "checkpoint",
     "decode": "generate", "generate_until": "generate",
     "generate_text": "stream",
 }
 # Not here, as their names are those of their modules: cacheaug.stream.stream and cacheaug.train.train.
 
 if TYPE_CHECKING:  # for readers and type checkers: the real signatures
-    from .checkpoint import describe, load_checkpoint
-    from .coprocessor import AugmentedLM, Coprocessor, LossOutput
+    from .checkpoint import describe
+    from .coprocessor import AugmentedLM, Coprocessor, LossOutput, load_checkpoint
     from .generate import decode, generate_until
     from .models import load_base
     from .state import AugmentedCache, DecodeState

@@ -1,5 +1,6 @@
-"""Coprocessor checkpoints: PEFT-style folders of the trainable part, written atomically; one loader
-(:func:`load_checkpoint`), one reader of what a folder holds (:func:`describe`), and save/resume for the loop.
+"""Coprocessor checkpoints: PEFT-style folders of the trainable part, written atomically; one reader of what a
+folder holds (:func:`describe`), the weight and identity checks the loader uses, and save/resume for the loop.
+The loader itself, ``coprocessor.load_checkpoint``, sits with the model it builds (this module stays below it).
 
 Describing a checkpoint needs no torch: the CLI checks a folder before loading any model.
 """
@@ -116,31 +117,6 @@ def read_config(directory: str | os.PathLike) -> CoprocessorConfig:
 def run_config_from_checkpoint(directory: str | os.PathLike) -> RunConfig | None:
     """The run config stored with a training checkpoint, when there is one."""
     return describe(directory).run_config if (Path(directory) / CONFIG_NAME).is_file() else None
-
-
-def load_checkpoint(directory: str | os.PathLike, dtype: str = "float32", base=None):
-    """(AugmentedLM, tokenizer) from a checkpoint folder, on ``base`` (tokenizer None) or the base model it names.
-
-    The base's dimensions are checked against the ones the checkpoint records; the message says what differs.
-    """
-    from .coprocessor import AugmentedLM  # torch: only once a model is really loaded
-    from .models import load_base
-
-    info = describe(directory)
-    if info.config.lora_rank is not None:
-        require_extra("peft", "lora", "a LoRA coprocessor (lora_rank)")
-    tokenizer = None
-    if base is None:
-        base, tokenizer = load_base(info.base_model, dtype)
-    check_base_identity(info.config, base, directory)
-    lm = AugmentedLM(base, info.config)
-    load_trainable_weights(lm, Path(directory) / WEIGHTS_NAME)
-    return lm, tokenizer
-
-
-def load_adapter(directory: str | os.PathLike, base=None):
-    """The AugmentedLM of a checkpoint folder (AugmentedLM.from_pretrained delegates here)."""
-    return load_checkpoint(directory, base=base)[0]
 
 
 def check_base_identity(config: CoprocessorConfig, base, directory) -> None:

@@ -53,11 +53,13 @@ def run_eval(task: str) -> Callable[..., int]:
 
 
 def run_generate(args: GenerateArgs, command: str) -> int:
-    from .checkpoint import describe, load_checkpoint
+    from .checkpoint import describe
 
     if not args.prompt.strip():
         raise InputError("--prompt is empty")
     describe(args.ckpt)
+    from .coprocessor import load_checkpoint  # torch: only once the inputs are known to be good
+
     lm, tokenizer = load_checkpoint(args.ckpt, args.dtype)
     input_ids = tokenizer(args.prompt, return_tensors="pt").input_ids
     context = lm.base.config.get_text_config().max_position_embeddings
@@ -76,12 +78,14 @@ def run_generate(args: GenerateArgs, command: str) -> int:
 
 
 def run_serve(args: ServeArgs, command: str) -> int:
-    from .checkpoint import describe, load_checkpoint
+    from .checkpoint import describe
 
     for module in ("fastapi", "uvicorn"):
         require_extra(module, "serve", "cacheaug serve")
     describe(args.ckpt)
     from .serving import server
+
+    from .coprocessor import load_checkpoint  # torch: only once the inputs are known to be good
 
     lm, tokenizer = load_checkpoint(args.ckpt, args.dtype)
     server.serve(lm, tokenizer, host=args.host, port=args.port, augment_timeout_s=args.augment_timeout)
@@ -89,7 +93,7 @@ def run_serve(args: ServeArgs, command: str) -> int:
 
 
 def run_bank_add(args: BankAddArgs, command: str) -> int:
-    from .checkpoint import describe, load_checkpoint
+    from .checkpoint import describe
 
     for file in args.files:
         if not Path(file).is_file():
@@ -97,6 +101,8 @@ def run_bank_add(args: BankAddArgs, command: str) -> int:
     describe(args.ckpt)
     from .models import cache_home
     from .serving.bank import CacheBank
+
+    from .coprocessor import load_checkpoint  # torch: only once the inputs are known to be good
 
     lm, tokenizer = load_checkpoint(args.ckpt, args.dtype)
     bank = CacheBank(args.root or cache_home() / "bank", lm, tokenizer)

@@ -8,17 +8,22 @@ Implements Liu et al., "Deliberation in Latent Space via Differentiable Cache Au
 from __future__ import annotations
 
 import copy
+import os
 from dataclasses import dataclass
+from pathlib import Path
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
 from . import cache as kv
+from . import checkpoint as ckpt
 from . import state as steps
 from .config import CoprocessorConfig
+from .errors import require_extra
 from .flex import resolve_attention, training_attention
 from .masks import block_attention_for, group_layout, readout_layout
+from .models import decoder_layers_name, final_norm_name, load_base
 from .state import AugmentedCache
 
 __all__ = ["AugmentedCache", "AugmentedLM", "Coprocessor", "LossOutput"]
@@ -29,20 +34,6 @@ class LossOutput:
     loss: torch.Tensor  # scalar: mean NLL over every scored ahead token
     nll_by_offset: torch.Tensor  # (N_A,) mean NLL of the k-th token after the latents (detached)
     num_tokens: int  # ahead tokens scored
-
-
-def _layer_list_name(decoder: nn.Module) -> str:
-    for name in ("layers", "h"):
-        if isinstance(getattr(decoder, name, None), nn.ModuleList):
-            return name
-    raise NotImplementedError(f"cannot find the decoder layers of {type(decoder).__name__}")
-
-
-def _final_norm_name(decoder: nn.Module) -> str:
-    for name in ("norm", "ln_f", "final_layernorm"):
-        if isinstance(getattr(decoder, name, None), nn.Module):
-            return name
-    raise NotImplementedError(f"cannot find the final norm of {type(decoder).__name__}")
 
 
 def embedding_output_std(base: nn.Module, sample: int = 4096) -> float:
@@ -100,7 +91,7 @@ class Coprocessor(nn.Module):
         embeddings = base.get_input_embeddings()
         # memo maps the embedding table to None, so the copy shares nothing and holds no second table.
         stack = copy.deepcopy(decoder, memo={id(embeddings): None})
-        layers_name = _layer_list_name(stack)
+        layers_name = decoder_layers_name(stack)
         total_layers = len(getattr(stack, layers_name))
         if config.num_layers < total_layers:
             setattr(stack, layers_name, getattr(stack, layers_name)[: config.num_layers])
@@ -110,7 +101,7 @@ class Coprocessor(nn.Module):
             if getattr(stack.config, "layer_types", None) is not None:
                 stack.config.layer_types = stack.config.layer_types[: config.num_layers]
         if not config.latents_after_norm:
-            setattr(stack, _final_norm_name(stack), nn.Identity())
+            setattr(stack, final_norm_name(stack), nn.Identity())
         if config.init == "scratch":
             stack.apply(stack._init_weights)
         stack.requires_grad_(config.lora_rank is None)
@@ -392,15 +383,11 @@ class AugmentedLM(nn.Module):
 
     # ------------------------------------------------------------------ persistence
     def save_pretrained(self, directory) -> None:
-        from .checkpoint import save_adapter
-
-        save_adapter(self, directory)
+        ckpt.save_adapter(self, directory)
 
     @classmethod
     def from_pretrained(cls, directory, base: nn.Module | None = None) -> "AugmentedLM":
-        from .checkpoint import load_adapter
-
-        return load_adapter(directory, base=base)
+        return load_checkpoint(directory, base=base)[0]
 
 
 def _loss_output(nll: torch.Tensor, scored: torch.Tensor) -> LossOutput:
@@ -409,3 +396,20 @@ def _loss_output(nll: torch.Tensor, scored: torch.Tensor) -> LossOutput:
     count = int(scored.sum())
     per_offset = nll.detach().sum(dim=(0, 1)) / scored.sum(dim=(0, 1)).clamp(min=1)
     return LossOutput(loss=nll.sum() / max(count, 1), nll_by_offset=per_offset, num_tokens=count)
+
+
+def load_checkpoint(directory: str | os.PathLike, dtype: str = "float32", base=None):
+    """(AugmentedLM, tokenizer) from a checkpoint folder, on ``base`` (tokenizer None) or the base model it names.
+
+    The base's dimensions are checked against the ones the checkpoint records; the message says what differs.
+    """
+    info = ckpt.describe(directory)
+    if info.config.lora_rank is not None:
+        require_extra("peft", "lora", "a LoRA coprocessor (lora_rank)")
+    tokenizer = None
+    if base is None:
+        base, tokenizer = load_base(info.base_model, dtype)
+    ckpt.check_base_identity(info.config, base, directory)
+    lm = AugmentedLM(base, info.config)
+    ckpt.load_trainable_weights(lm, Path(directory) / ckpt.WEIGHTS_NAME)
+    return lm, tokenizer

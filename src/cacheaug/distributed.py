@@ -10,7 +10,7 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-from .coprocessor import _layer_list_name
+from .models import decoder_layers_name
 
 __all__ = ["Runtime", "full_tensors", "load_optimizer_state", "optimizer_state", "rng_state", "set_rng_state", "to_float"]
 
@@ -59,7 +59,7 @@ class Runtime:
             from torch.distributed.fsdp import fully_shard
 
             stack = lm.coprocessor.stack  # None for pause tokens: nothing but the soft tokens to shard
-            for layer in [] if stack is None else getattr(stack, _layer_list_name(stack)):
+            for layer in [] if stack is None else getattr(stack, decoder_layers_name(stack)):
                 fully_shard(layer)
             fully_shard(lm.coprocessor)
             return lm

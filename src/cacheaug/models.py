@@ -27,7 +27,10 @@ from transformers import (
 from .config import base_identity_from_config
 from .errors import ModelError
 
-__all__ = ["EMBEDDED_MODELS", "TINY_RANDOM", "EmbeddedModel", "base_identity", "byte_tokenizer", "cache_home", "load_base"]
+__all__ = [
+    "EMBEDDED_MODELS", "TINY_RANDOM", "EmbeddedModel", "base_identity", "byte_tokenizer", "cache_home", "decoder_layers_name",
+    "final_norm_name", "load_base",
+]
 
 # A 2-layer random Llama with a byte tokenizer, built in-process: for tests and configs/tiny.yaml.
 TINY_RANDOM = "tiny-random"
@@ -267,3 +270,19 @@ def _tiny_random(dtype: torch.dtype):
     tokenizer = byte_tokenizer()
     tokenizer.name_or_path = TINY_RANDOM
     return model, tokenizer
+
+
+def decoder_layers_name(decoder: torch.nn.Module) -> str:
+    """The attribute holding a decoder stack's layers (Llama-style ``layers``, GPT-2's ``h``)."""
+    for name in ("layers", "h"):
+        if isinstance(getattr(decoder, name, None), torch.nn.ModuleList):
+            return name
+    raise NotImplementedError(f"cannot find the decoder layers of {type(decoder).__name__}")
+
+
+def final_norm_name(decoder: torch.nn.Module) -> str:
+    """The attribute holding a decoder stack's final norm."""
+    for name in ("norm", "ln_f", "final_layernorm"):
+        if isinstance(getattr(decoder, name, None), torch.nn.Module):
+            return name
+    raise NotImplementedError(f"cannot find the final norm of {type(decoder).__name__}")

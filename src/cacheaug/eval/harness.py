@@ -19,7 +19,7 @@ from collections import defaultdict
 from lm_eval.api.registry import register_model
 from lm_eval.models.huggingface import HFLM
 
-from ..checkpoint import load_checkpoint
+from ..coprocessor import load_checkpoint
 from ..coprocessor import AugmentedLM
 from ..errors import ConfigError
 from ..generate import generate_until

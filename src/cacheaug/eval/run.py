@@ -13,7 +13,7 @@ import re
 import time
 from pathlib import Path
 
-from ..checkpoint import describe, load_checkpoint
+from ..checkpoint import describe
 from ..config import DataArgs
 from ..verbs import CONDITIONS, AheadArgs, Gsm8kArgs, HarnessArgs, McArgs, PerplexityArgs
 from ..errors import DataError, require_extra
@@ -46,6 +46,8 @@ def _model(args, model):
     if model is not None:
         return model
     describe(args.ckpt)  # a missing or damaged folder fails here, before the base model loads
+    from ..coprocessor import load_checkpoint  # torch: only once the inputs are checked
+
     return load_checkpoint(args.ckpt, args.dtype)
 
 
