@@ -65,21 +65,8 @@ stage() {  # stage NAME SECONDS COMMAND...: timed, signalled (SIGNAL, default TE
 cat "$OUT/environment.txt"
 python -c "import torch, sys; sys.exit(0 if torch.cuda.is_available() else 1)" || { echo "no CUDA device: nothing to check"; exit 1; }
 
-if [ ! -d "$SPLITS/train" ]; then  # whole-file split, as experiments/prose_smollm2.sh
-    prose=$(realpath "$DATA/english_pd_prose")
-    mkdir -p "$SPLITS.tmp"/{train,validation,test}
-    for file in "$prose"/*/*.txt; do
-        rel=${file#"$prose"/}
-        case "$rel" in
-            */README.nltk.txt) continue ;;
-            gutenberg/chesterton-thursday.txt | state_union/2005-GWBush.txt) split=validation ;;
-            gutenberg/austen-persuasion.txt | state_union/2006-GWBush.txt) split=test ;;
-            *) split=train ;;
-        esac
-        ln -s "$file" "$SPLITS.tmp/$split/${rel//\//__}"
-    done
-    mv "$SPLITS.tmp" "$SPLITS"
-fi
+source experiments/prose_splits.sh
+prose_splits "$DATA" "$SPLITS"
 
 # ---------------------------------------------------------------- 1. gpu-marked tests
 stage tests "$TESTS_S" python -m pytest -m gpu -p no:cacheprovider -q -rs tests --junitxml "$OUT/tests.xml"

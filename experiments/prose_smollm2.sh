@@ -46,21 +46,8 @@ TIMINGS=$OUT/timings.txt
 source experiments/timed.sh
 
 # ---------------------------------------------------------------- 1. whole-file splits
-if [ ! -d "$SPLITS/train" ]; then
-    prose=$(realpath "$DATA/english_pd_prose")
-    mkdir -p "$SPLITS.tmp"/{train,validation,test}
-    for file in "$prose"/*/*.txt; do
-        rel=${file#"$prose"/}
-        case "$rel" in
-            */README.nltk.txt) continue ;;
-            gutenberg/chesterton-thursday.txt | state_union/2005-GWBush.txt) split=validation ;;
-            gutenberg/austen-persuasion.txt | state_union/2006-GWBush.txt) split=test ;;
-            *) split=train ;;
-        esac
-        ln -s "$file" "$SPLITS.tmp/$split/${rel//\//__}"
-    done
-    mv "$SPLITS.tmp" "$SPLITS"
-fi
+source experiments/prose_splits.sh
+prose_splits "$DATA" "$SPLITS"
 echo "splits: $(ls "$SPLITS/train" | wc -l) train, $(ls "$SPLITS/validation" | wc -l) validation, $(ls "$SPLITS/test" | wc -l) test files"
 
 # ---------------------------------------------------------------- 2. training, one budget for all

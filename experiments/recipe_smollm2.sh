@@ -34,21 +34,8 @@ TIMINGS=$OUT/timings.txt
 source experiments/timed.sh
 
 # ---------------------------------------------------------------- whole-file splits (as prose_smollm2.sh)
-if [ ! -d "$SPLITS/train" ]; then
-    prose=$(realpath "$DATA/english_pd_prose")
-    mkdir -p "$SPLITS.tmp"/{train,validation,test}
-    for file in "$prose"/*/*.txt; do
-        rel=${file#"$prose"/}
-        case "$rel" in
-            */README.nltk.txt) continue ;;
-            gutenberg/chesterton-thursday.txt | state_union/2005-GWBush.txt) split=validation ;;
-            gutenberg/austen-persuasion.txt | state_union/2006-GWBush.txt) split=test ;;
-            *) split=train ;;
-        esac
-        ln -s "$file" "$SPLITS.tmp/$split/${rel//\//__}"
-    done
-    mv "$SPLITS.tmp" "$SPLITS"
-fi
+source experiments/prose_splits.sh
+prose_splits "$DATA" "$SPLITS"
 
 # ---------------------------------------------------------------- the run table, in the order run
 # name     method      N_L steps readout gate  init   lr   ilr   eval
