@@ -46,11 +46,13 @@ def describe(run: dict) -> str:
     return ", ".join(parts)
 
 
-def train_steps_and_seconds(run: dict) -> tuple[int | None, float | None]:
+def train_steps_and_seconds(run: dict) -> tuple[int | None, float | None, float | None]:
+    """(steps, summed step time, median step time) from metrics.jsonl."""
     steps = [r for r in run["metrics"] if r.get("split") != "validation" and "seconds_per_step" in r]
     if not steps:
-        return None, None
-    return max(r["step"] for r in steps), sum(r["seconds_per_step"] for r in steps)
+        return None, None, None
+    seconds = sorted(r["seconds_per_step"] for r in steps)
+    return max(r["step"] for r in steps), sum(seconds), seconds[len(seconds) // 2]
 
 
 def overall_change(result: dict) -> float:
@@ -82,12 +84,12 @@ def table(runs: list[dict], dataset: str) -> str:
     rows = [r for r in runs if dataset in r["evals"]]
     offsets = " | ".join(f"k={k}" for k in OFFSETS)
     lines = [
-        f"| run | steps | train s | points/offset | {offsets} | k=1..32 | worst k (upper 95%) |",
+        f"| run | steps | train s (median s/step) | points/offset | {offsets} | k=1..32 | worst k (upper 95%) |",
         "|---|---:|---:|---:|" + "---:|" * len(OFFSETS) + "---:|---:|",
     ]
     for run in rows:
         result = run["evals"][dataset]
-        steps, seconds = train_steps_and_seconds(run)
+        steps, seconds, median = train_steps_and_seconds(run)
         cells = " | ".join(cell(result, k - 1) for k in OFFSETS if k <= len(result["nll_augmented"]))
         interval = result.get("relative_change_ci95") or {}
         if interval:
@@ -99,10 +101,19 @@ def table(runs: list[dict], dataset: str) -> str:
             worst_cell = f"k={worst + 1}: {result['relative_change_percent'][worst]:+.1f}% (no interval)"
         points = result["tokens_by_offset"][0]
         lines.append(
-            f"| {run['label']} | {steps or '-'} | {seconds and round(seconds) or '-'} | {points} | {cells} "
+            f"| {run['label']} | {steps or '-'} | {f'{seconds:.0f} ({median:.2f})' if seconds else '-'} | {points} | {cells} "
             f"| {overall_cell(result)} | {worst_cell} |"
         )
     return "\n".join(lines)
+
+
+def head_to_head(runs: list[dict], dataset: str, first: str, second: str) -> str:
+    """How many offsets ``first`` changes perplexity less (is better) than ``second``."""
+    found = {r["name"]: r["evals"][dataset] for r in runs if dataset in r["evals"]}
+    if first not in found or second not in found:
+        return ""
+    a, b = found[first]["relative_change_percent"], found[second]["relative_change_percent"]
+    return f"{first} is better than {second} at {sum(x < y for x, y in zip(a, b))} of {len(a)} offsets."
 
 
 def plot_change(runs: list[dict], dataset: str, path: Path) -> None:
@@ -182,6 +193,7 @@ def main() -> None:
         lines.append(f"- **{run['label']}**: {describe(run)}")
     for dataset in DATASETS:
         lines += ["", f"## {dataset}: perplexity change vs the plain base, [95% bootstrap interval]", "", table(runs, dataset)]
+        lines += ["", head_to_head(runs, dataset, "recipe16", "pause16")]
         plot_change(runs, dataset, args.results / f"change-{dataset}.png")
     plot_curves(runs, args.results / "curves.png")
     (args.results / "report.md").write_text("\n".join(lines) + "\n")

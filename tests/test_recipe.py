@@ -9,7 +9,7 @@ import torch
 
 from cacheaug import AugmentedLM
 from cacheaug.stream import generate_text, stream
-from helpers import ARCHITECTURES, POINT_SETS, VOCAB, assert_equivalent, full_recompute, perturbed_lm
+from helpers import POINT_SETS, VOCAB, assert_equivalent, full_recompute, perturbed_lm
 
 RECIPES = {
     "token": {"readout": "token"},
@@ -76,7 +76,5 @@ def test_interface_parameters_are_the_few_where_coprocessor_meets_base():
     assert names == {id(lm.coprocessor.soft_tokens), id(lm.coprocessor.gate)}
     assert lm.coprocessor.gate.shape == (2, 4) and not lm.coprocessor.gate.any()
 
-
-assert set(FULL_ATTENTION) <= set(ARCHITECTURES)
 
 

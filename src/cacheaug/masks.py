@@ -14,6 +14,7 @@ the same geometry in training as when one point is augmented and decoded.
 
 from __future__ import annotations
 
+import functools
 from dataclasses import dataclass
 
 import torch
@@ -227,6 +228,7 @@ def gated_attention(module, query, key, value, attention_mask, scaling=None, dro
     return torch.matmul(probs, value).transpose(1, 2).contiguous(), None
 
 
+@functools.cache  # once per process: decoding enters block_attention_for at every gated step
 def register_block_attention() -> None:
     from transformers import AttentionInterface
     from transformers.masking_utils import ALL_MASK_ATTENTION_FUNCTIONS, eager_mask
@@ -246,7 +248,8 @@ class block_attention_for:
         self.implementation = implementation
 
     def __enter__(self):
-        register_block_attention()
+        if self.configs:
+            register_block_attention()
         self.saved = [config._attn_implementation for config in self.configs]
         for config in self.configs:
             config._attn_implementation = self.implementation
