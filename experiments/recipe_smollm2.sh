@@ -41,12 +41,14 @@ prose_splits "$DATA" "$SPLITS"
 # name     method      N_L steps readout gate  init   lr   ilr   eval
 # The paper's recipe is not rerun: results/prose-smollm2/nl16 and nl4 trained it with the same data, batch, points,
 # N_A, lr and warmup for 250 steps (bash experiments/prose_smollm2.sh); recipe16's step-250 checkpoint is
-# evaluated beside them (stage below), gate16 and token16 take one change away at that budget.
+# evaluated beside them (stage below), gate16 and token16 take one change away at that budget, and recipe64 (N_L 64)
+# is compared with recipe16-step250 and recipe4 at that budget.
 RUN_TABLE="recipe16 coprocessor 16 500 token true vocab 3e-4 1e-2 full
 pause16 pause 16 500 token true vocab 1e-3 1e-2 full
 recipe4 coprocessor 4 250 token true vocab 3e-4 1e-2 full
 gate16 coprocessor 16 250 token true random 3e-4 - ablation
-token16 coprocessor 16 250 token false random 3e-4 - ablation"
+token16 coprocessor 16 250 token false random 3e-4 - ablation
+recipe64 coprocessor 64 250 token true vocab 3e-4 1e-2 full"
 
 while read -r name method latents steps readout gate init lr ilr eval; do
     if [ -n "$RUNS_ONLY" ] && [[ " $RUNS_ONLY " != *" $name "* ]]; then continue; fi
