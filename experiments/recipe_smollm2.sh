@@ -12,6 +12,8 @@
 #   gate     zero-initialised tanh gate per layer and head on the latent keys (exact no-op at step 0)
 #   init     soft tokens: random (Gaussian) or vocab (embeddings of random tokens)
 #   ilr      learning rate of soft tokens + gates ("-": the body's)
+#   recipe16-kl adds KL(augmented || base) on the scored tokens, weight 1.0 at step 0 decaying linearly to 0 at
+#   step 1000 (0.5 at its last step, 500): a pull toward the base where the latents do not help (out of domain)
 # Evaluation: perplexity of the k-th token (k = 1..32) after latents inserted every 16th token, with and
 # without latents, 95% bootstrap intervals over sequences, on the prose test files and WikiText-2 test
 # (PPL_TOKENS tokens each = 72 sequences of 256 = 1,008 insertion points per offset); ablation runs on
@@ -38,7 +40,7 @@ source experiments/prose_splits.sh
 prose_splits "$DATA" "$SPLITS"
 
 # ---------------------------------------------------------------- the run table, in the order run
-# name     method      N_L steps readout gate  init   lr   ilr   eval
+# name     method      N_L steps readout gate  init   lr   ilr   eval  [more train flags]
 # The paper's recipe is not rerun: results/prose-smollm2/nl16 and nl4 trained it with the same data, batch, points,
 # N_A, lr and warmup for 250 steps (bash experiments/prose_smollm2.sh); recipe16's step-250 checkpoint is
 # evaluated beside them (stage below), gate16 and token16 take one change away at that budget, and recipe64 (N_L 64)
@@ -48,9 +50,10 @@ pause16 pause 16 500 token true vocab 1e-3 1e-2 full
 recipe4 coprocessor 4 250 token true vocab 3e-4 1e-2 full
 gate16 coprocessor 16 250 token true random 3e-4 - ablation
 token16 coprocessor 16 250 token false random 3e-4 - ablation
-recipe64 coprocessor 64 250 token true vocab 3e-4 1e-2 full"
+recipe64 coprocessor 64 250 token true vocab 3e-4 1e-2 full
+recipe16-kl coprocessor 16 500 token true vocab 3e-4 1e-2 full --train.kl_to_base 1.0 --train.kl_anneal_steps 1000"
 
-while read -r name method latents steps readout gate init lr ilr eval; do
+while read -r name method latents steps readout gate init lr ilr eval extra; do
     if [ -n "$RUNS_ONLY" ] && [[ " $RUNS_ONLY " != *" $name "* ]]; then continue; fi
     steps=$(python -c "print(max(2, round($steps * $STEPS_SCALE)))")
     interface=()
@@ -64,7 +67,7 @@ while read -r name method latents steps readout gate init lr ilr eval; do
             --coprocessor.soft_token_init "$init" \
             --train.max_steps "$steps" --train.lr "$lr" "${interface[@]}" --train.batch_size 1 --train.grad_accum 1 \
             --train.warmup_steps 20 --train.eval_every 50 --train.eval_batches 4 \
-            --train.save_every "$(( steps / 2 > 0 ? steps / 2 : 1 ))" --train.keep_last 2
+            --train.save_every "$(( steps / 2 > 0 ? steps / 2 : 1 ))" --train.keep_last 2 $extra
     fi
     ckpt=$RUNS/$name/step-$(printf %06d "$steps")
     mkdir -p "$OUT/$name"

@@ -188,6 +188,10 @@ class TrainArgs:
     beta1: float = 0.9  # AdamW beta1
     beta2: float = 0.95  # AdamW beta2
     grad_clip: float = 1.0  # max global grad norm; 0 disables clipping
+    # Weight at step 0 of KL(p_aug || p_base) to the frozen base on every scored token, added to the loss: keeps
+    # the augmented model at the base where it cannot improve on it (out-of-domain text). 0: off.
+    kl_to_base: float = 0.0
+    kl_anneal_steps: int | None = None  # the KL weight decays linearly to 0 over this many steps; null: constant
     seed: int = 0  # model initialisation, augmentation points and RNG state
     precision: str = "fp32"  # "bf16": autocast of the loss computation
     strategy: str = "ddp"  # with several processes: "ddp" replicates the coprocessor, "fsdp" shards it
@@ -214,6 +218,14 @@ class TrainArgs:
                 raise ConfigError(f"{name} must be a non-negative number, got {value!r}")
         if not 0 < self.lr:
             raise ConfigError(f"lr must be > 0, got {self.lr!r}")
+        if isinstance(self.kl_to_base, bool) or not isinstance(self.kl_to_base, (int, float)) or not (
+            0 <= self.kl_to_base < float("inf")
+        ):
+            raise ConfigError(f"kl_to_base must be a non-negative number, got {self.kl_to_base!r}")
+        if self.kl_anneal_steps is not None and (
+            isinstance(self.kl_anneal_steps, bool) or not isinstance(self.kl_anneal_steps, int) or self.kl_anneal_steps < 1
+        ):
+            raise ConfigError(f"kl_anneal_steps must be a positive integer or null, got {self.kl_anneal_steps!r}")
         if self.interface_lr is not None and (
             isinstance(self.interface_lr, bool) or not isinstance(self.interface_lr, (int, float)) or self.interface_lr <= 0
         ):
@@ -229,6 +241,13 @@ class TrainArgs:
                 raise ConfigError(f"{name} must be true or false, got {getattr(self, name)!r}")
         if not self.output_dir or not isinstance(self.output_dir, str):
             raise ConfigError(f"output_dir must be a folder path, got {self.output_dir!r}")
+
+    def kl_weight(self, step: int) -> float:
+        """The KL-to-base weight of optimiser step ``step`` (0-based): kl_to_base, decayed linearly to 0 at
+        kl_anneal_steps and 0 after it; constant when kl_anneal_steps is None."""
+        if self.kl_anneal_steps is None:
+            return float(self.kl_to_base)
+        return float(self.kl_to_base) * max(0.0, 1.0 - step / self.kl_anneal_steps)
 
 
 EMBEDDED_SOURCE = "embedded:arithmetic"

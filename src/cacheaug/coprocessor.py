@@ -23,7 +23,7 @@ from .config import CoprocessorConfig
 from .errors import require_extra
 from .flex import resolve_attention, training_attention
 from .masks import block_attention_for, group_layout, readout_layout
-from .models import decoder_layers_name, final_norm_name, load_base
+from .models import decoder_layers_name, final_norm_name, head_logits, load_base
 from .state import AugmentedCache
 
 __all__ = ["AugmentedCache", "AugmentedLM", "Coprocessor", "LossOutput"]
@@ -31,9 +31,10 @@ __all__ = ["AugmentedCache", "AugmentedLM", "Coprocessor", "LossOutput"]
 
 @dataclass
 class LossOutput:
-    loss: torch.Tensor  # scalar: mean NLL over every scored ahead token
+    loss: torch.Tensor  # scalar: mean NLL over every scored ahead token, + kl_weight * kl when kl_weight > 0
     nll_by_offset: torch.Tensor  # (N_A,) mean NLL of the k-th token after the latents (detached)
     num_tokens: int  # ahead tokens scored
+    kl: torch.Tensor | None = None  # scalar: mean KL(p_aug || p_base) over the scored tokens (detached); None: not computed
 
 
 def embedding_output_std(base: nn.Module, sample: int = 4096) -> float:
@@ -247,9 +248,11 @@ class AugmentedLM(nn.Module):
         if points.numel() and (points.min() < 0 or points.max() > length - 2):
             raise ValueError(f"augmentation points must lie in 0..{length - 2} (sequence length {length})")
 
-    def forward(self, input_ids: torch.Tensor, points: torch.Tensor | None = None, attention: str = "block") -> LossOutput:
+    def forward(
+        self, input_ids: torch.Tensor, points: torch.Tensor | None = None, attention: str = "block", kl_weight: float = 0.0
+    ) -> LossOutput:
         """``training_loss``; being ``forward`` lets DistributedDataParallel wrap the model."""
-        return self.training_loss(input_ids, points, attention=attention)
+        return self.training_loss(input_ids, points, attention=attention, kl_weight=kl_weight)
 
     @torch.no_grad()
     def unaugmented_loss(
@@ -278,6 +281,7 @@ class AugmentedLM(nn.Module):
         *,
         num_ahead: int | None = None,
         attention: str = "block",
+        kl_weight: float = 0.0,
     ) -> LossOutput:
         """The paper's loss for every augmentation point of every sequence, in one pass (section 2.3).
 
@@ -285,7 +289,10 @@ class AugmentedLM(nn.Module):
         its N_A-1 ahead input tokens form one group; targets are x_{t+1..t+N_A}, cut at the sequence end.
         ``num_ahead`` overrides the config's N_A (evaluation scores e.g. 32 tokens after the latents).
         ``attention``: "block" (masks.block_attention), "flex" (FlexAttention, CUDA), "sdpa" (dense) or "auto".
+        ``kl_weight`` > 0 adds kl_weight * mean KL(p_aug || p_base) over the same targets, p_base being the
+        frozen base's prediction of each target from the plain x_0..x_{target-1} (no latents).
         """
+        _check_kl_weight(kl_weight)
         attention = resolve_attention(attention, self.device, training=torch.is_grad_enabled())
         num_latents, num_ahead = self.config.num_latents, num_ahead or self.config.num_ahead
         batch, length = input_ids.shape if input_ids.ndim == 2 else (0, 0)
@@ -298,7 +305,9 @@ class AugmentedLM(nn.Module):
         # 1. The prefix never depends on trainable weights: read it once, keep K/V of every layer in full.
         prefix = kv.full_length_cache()
         with torch.no_grad():
-            self.base.get_decoder()(input_ids=input_ids, cache=prefix, use_cache=True)
+            plain = self.base.get_decoder()(input_ids=input_ids, cache=prefix, use_cache=True)
+        plain_hidden = plain.last_hidden_state if kl_weight > 0 else None  # (B, T, H): the KL's p_base, same pass
+        del plain
         dtype = kv.cache_tensors(prefix)[0][0].dtype
 
         # 2. Coprocessor: P groups of N_L soft tokens, group p sees prefix 0..t_p and itself (causally).
@@ -359,16 +368,31 @@ class AugmentedLM(nn.Module):
         logits = out.logits.view(batch, num_points, num_ahead, -1)
         targets = tokens.masked_fill(~in_sequence, -100)
         nll = F.cross_entropy(logits.flatten(0, 2).float(), targets.flatten(), reduction="none", ignore_index=-100)
-        return _loss_output(nll.view(batch, num_points, num_ahead), in_sequence)
+        kl = None
+        if plain_hidden is not None:
+            with torch.no_grad():
+                # x_j is predicted from x_0..x_{j-1}: the plain hidden state at j-1; gathered before the head, so
+                # only (B, P, N_A) positions pay for the vocabulary projection.
+                before = (target_index - 1).clamp(max=length - 2).flatten(1)  # (B, P*N_A)
+                hidden = plain_hidden.gather(1, before[..., None].expand(-1, -1, plain_hidden.shape[-1]))
+                base_logits = head_logits(self.base, hidden).view_as(logits)  # (B, P, N_A, V)
+            kl = _token_kl(logits, base_logits)
+        return _loss_output(nll.view(batch, num_points, num_ahead), in_sequence, kl, kl_weight)
 
-    def reference_loss(self, input_ids: torch.Tensor, points: torch.Tensor) -> LossOutput:
-        """The same loss by its definition, point by point: prefill, augment, score the next N_A tokens."""
+    def reference_loss(self, input_ids: torch.Tensor, points: torch.Tensor, kl_weight: float = 0.0) -> LossOutput:
+        """The same loss by its definition, point by point: prefill, augment, score the next N_A tokens; with
+        ``kl_weight`` > 0, their KL to the plain base's logits from a separate plain forward over ``input_ids``."""
+        _check_kl_weight(kl_weight)
         points = points.to(self.device)
         self._check_points(input_ids, points)
         num_ahead = self.config.num_ahead
         batch, length = input_ids.shape
         nll = torch.zeros(batch, points.shape[1], num_ahead, device=self.device)
+        kl = torch.zeros(batch, points.shape[1], num_ahead, device=self.device) if kl_weight > 0 else None
         scored = torch.zeros(batch, points.shape[1], num_ahead, dtype=torch.bool, device=self.device)
+        if kl is not None:
+            with torch.no_grad():
+                plain_logits = self.base(input_ids=input_ids).logits  # (B, T, V): position i predicts x_{i+1}
         for row in range(batch):
             for column, point in enumerate(points[row].tolist()):
                 state = self.augment(input_ids[row : row + 1, : point + 1])
@@ -377,9 +401,12 @@ class AugmentedLM(nn.Module):
                 if len(targets) > 1:
                     logits.append(steps.feed(self.base, state, targets[None, :-1], logits_to_keep=0)[0])
                 token_nll = F.cross_entropy(torch.cat(logits).float(), targets, reduction="none")
-                nll = nll.index_put((torch.tensor(row), torch.tensor(column), torch.arange(len(targets))), token_nll)
+                where = (torch.tensor(row), torch.tensor(column), torch.arange(len(targets)))
+                nll = nll.index_put(where, token_nll)
+                if kl is not None:
+                    kl = kl.index_put(where, _token_kl(torch.cat(logits), plain_logits[row, point : point + len(targets)]))
                 scored[row, column, : len(targets)] = True
-        return _loss_output(nll, scored)
+        return _loss_output(nll, scored, kl, kl_weight)
 
     # ------------------------------------------------------------------ persistence
     def save_pretrained(self, directory) -> None:
@@ -390,12 +417,32 @@ class AugmentedLM(nn.Module):
         return load_checkpoint(directory, base=base)[0]
 
 
-def _loss_output(nll: torch.Tensor, scored: torch.Tensor) -> LossOutput:
-    """nll, scored: (B, P, N_A); unscored entries are ignored."""
+def _check_kl_weight(kl_weight: float) -> None:
+    if isinstance(kl_weight, bool) or not isinstance(kl_weight, (int, float)) or not 0 <= kl_weight < float("inf"):
+        raise ValueError(f"kl_weight must be a non-negative number, got {kl_weight!r}")
+
+
+def _token_kl(logits: torch.Tensor, base_logits: torch.Tensor) -> torch.Tensor:
+    """KL(p_aug || p_base) = sum_v p_aug (log p_aug - log p_base), in float32: (..., V), (..., V) -> (...)."""
+    log_aug = torch.log_softmax(logits.float(), dim=-1)
+    log_base = torch.log_softmax(base_logits.float(), dim=-1)
+    return (log_aug.exp() * (log_aug - log_base)).sum(dim=-1)
+
+
+def _loss_output(
+    nll: torch.Tensor, scored: torch.Tensor, kl: torch.Tensor | None = None, kl_weight: float = 0.0
+) -> LossOutput:
+    """nll, scored, kl: (B, P, N_A); unscored entries are ignored. The KL is averaged like the NLL."""
     nll = nll * scored
     count = int(scored.sum())
     per_offset = nll.detach().sum(dim=(0, 1)) / scored.sum(dim=(0, 1)).clamp(min=1)
-    return LossOutput(loss=nll.sum() / max(count, 1), nll_by_offset=per_offset, num_tokens=count)
+    loss = nll.sum() / max(count, 1)
+    mean_kl = None
+    if kl is not None:
+        mean_kl = (kl * scored).sum() / max(count, 1)
+        loss = loss + kl_weight * mean_kl
+        mean_kl = mean_kl.detach()
+    return LossOutput(loss=loss, nll_by_offset=per_offset, num_tokens=count, kl=mean_kl)
 
 
 def load_checkpoint(directory: str | os.PathLike, dtype: str = "float32", base=None):

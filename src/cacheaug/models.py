@@ -29,7 +29,7 @@ from .errors import ModelError
 
 __all__ = [
     "EMBEDDED_MODELS", "TINY_RANDOM", "EmbeddedModel", "base_identity", "byte_tokenizer", "cache_home", "decoder_layers_name",
-    "final_norm_name", "load_base",
+    "final_norm_name", "head_logits", "load_base",
 ]
 
 # A 2-layer random Llama with a byte tokenizer, built in-process: for tests and configs/tiny.yaml.
@@ -286,3 +286,23 @@ def final_norm_name(decoder: torch.nn.Module) -> str:
         if isinstance(getattr(decoder, name, None), torch.nn.Module):
             return name
     raise NotImplementedError(f"cannot find the final norm of {type(decoder).__name__}")
+
+
+# Config fields by which some causal LMs rescale their logits after the head; head_logits applies none of them.
+_LOGIT_SCALES = ("logit_scale", "logits_scaling")  # Cohere, Granite
+
+
+def head_logits(base: torch.nn.Module, hidden: torch.Tensor) -> torch.Tensor:
+    """Logits (..., V) from the decoder's last hidden states (..., H), exactly as ``base(...).logits`` computes them:
+    the LM head, then the final soft-capping tanh(logits / c) * c where the config sets c (Gemma 2 and later)."""
+    text = base.config.get_text_config()
+    scaled = [name for name in _LOGIT_SCALES if getattr(text, name, None) not in (None, 1, 1.0)]
+    if scaled:
+        raise ModelError(f"{type(base).__name__} rescales its logits ({scaled[0]}); head_logits does not reproduce it")
+    logits = base.get_output_embeddings()(hidden)
+    softcap = getattr(text, "final_logit_softcapping", None)
+    if softcap is not None:  # the same three operations in the same order as Gemma2ForCausalLM.forward: bit-equal
+        logits = logits / softcap
+        logits = torch.tanh(logits)
+        logits = logits * softcap
+    return logits

@@ -175,7 +175,8 @@ def train(config: RunConfig, command: str | None = None) -> TrainResult:
         while step < args.max_steps and not interrupted:
             started = time.perf_counter()
             optimizer.zero_grad(set_to_none=True)
-            loss_sum, tokens = 0.0, 0
+            loss_sum, kl_sum, tokens = 0.0, 0.0, 0
+            kl_weight = args.kl_weight(step)  # 0 once annealed: training_loss then skips the KL entirely
             points = None
             for micro in range(args.grad_accum):
                 batch = next(data).to(runtime.device)
@@ -187,9 +188,13 @@ def train(config: RunConfig, command: str | None = None) -> TrainResult:
                     lm.coprocessor.set_requires_gradient_sync(last_micro)
                 sync = model.no_sync() if runtime.distributed and not sharded and not last_micro else nullcontext()
                 with sync, autocast:
-                    micro_out = model(batch, points[first : first + args.batch_size], attention=attention)
+                    micro_out = model(
+                        batch, points[first : first + args.batch_size], attention=attention, kl_weight=kl_weight
+                    )
                     (micro_out.loss / args.grad_accum).backward()
                 loss_sum += micro_out.loss.item() / args.grad_accum
+                if micro_out.kl is not None:
+                    kl_sum += micro_out.kl.item() / args.grad_accum
                 tokens += batch.numel()
             grad_norm = (
                 to_float(torch.nn.utils.clip_grad_norm_(lm.trainable_parameters(), args.grad_clip))
@@ -202,11 +207,14 @@ def train(config: RunConfig, command: str | None = None) -> TrainResult:
             step += 1
             seconds = time.perf_counter() - started
             loss = runtime.mean(loss_sum)
+            kl = runtime.mean(kl_sum) if kl_weight > 0 else None  # kl_weight is equal on every rank: all join the collective
             if step % args.log_every == 0 or step == args.max_steps:
                 record = {
                     "step": step, "loss": loss, "lr": lr, "grad_norm": grad_norm, "seconds_per_step": seconds,
                     "tokens_per_second": tokens * runtime.world_size / seconds,
                 }
+                if kl is not None:  # loss is then the objective NLL + kl_weight * kl; nll compares with KL-free runs
+                    record.update(nll=loss - kl_weight * kl, kl=kl, kl_weight=kl_weight)
                 metrics.write(record)
             if progress is not None:
                 progress.update(1)
