@@ -6,9 +6,14 @@ zero-shot-CoT answer given N_L extra tokens; then a bounded loopback load test o
 Without --ckpt the coprocessor is a fresh, untrained one on the base (timing does not depend on training).
 Decoding is greedy with no eos, so every mode decodes exactly its budget. "added" is a mode's extra time to
 its first *answer* token over plain decoding: for sync/async augmentation, TTFT - plain TTFT; for CoT, the
-time to token N_L+1 (after N_L "thinking" tokens) - plain TTFT. The load test starts the server in this
-process on 127.0.0.1 (a free port) and sends a fixed number of completions at each concurrency level;
-loopback only. About 5 minutes on 2 CPU cores for SmolLM2-135M with the defaults.
+time to token N_L+1 (after N_L "thinking" tokens) - plain TTFT.
+
+The load test starts the server (its continuous-batching scheduler) in this process on 127.0.0.1 (a free
+port) and, for each augment mode and concurrency level, streams a fixed number of completions from that many
+closed-loop clients: aggregate generated tokens/s, time to first token and per-token latency (p50/p95),
+errors, and the server's resident memory. Then a soak of --soak-requests short requests checks that memory
+stays flat (after the first 50 vs at the end), and the bank: the same prompts continued from a banked
+context vs computed afresh. Loopback only. About 10 minutes on 2 CPU cores for SmolLM2-135M with the defaults.
 """
 
 from __future__ import annotations
@@ -28,7 +33,8 @@ from cacheaug import AugmentedLM, CoprocessorConfig, load_base
 from cacheaug import cache as kv
 from cacheaug import load_checkpoint
 from cacheaug.data.arithmetic import arithmetic_problems
-from cacheaug.serving.loadtest import BackgroundServer, run_load_test
+from cacheaug.serving.bank import CacheBank
+from cacheaug.serving.loadtest import BackgroundServer, resident_memory_bytes, run_stream_load_test
 from cacheaug.serving.server import create_app
 from cacheaug.state import copy_state, feed_token, insert_latents, latents_for, prefill
 from cacheaug.stream import TokenEvent, stream
@@ -104,10 +110,10 @@ def bench_decoding(lm, tokenizer, args) -> dict:
     # first token's logits). Their sum is the floor of sync's added TTFT; one decode step is CoT's unit cost.
     with torch.no_grad():
         state = prefill(lm.base, prompt)
-        latents = latents_for(lm, state.cache)
-        parts = {
-            "coprocessor_pass_s": lambda: latents_for(lm, state.cache),
-            "latent_pass_s": lambda: insert_latents(lm.base, state, latents),
+        latents = latents_for(lm, state)
+        parts = {  # each as sync decoding runs it, with the checkpoint's recipe (readout="token": + x_t again)
+            "coprocessor_pass_s": lambda: latents_for(lm, state),
+            "latent_pass_s": lambda: insert_latents(lm, state, latents),
             "decode_step_s": lambda: feed_token(lm.base, copy_state(state), torch.tensor([13])),
         }
         for name, part in parts.items():
@@ -124,25 +130,67 @@ def bench_decoding(lm, tokenizer, args) -> dict:
     return results
 
 
-def bench_load(lm, tokenizer, args) -> list[dict]:
-    stream_ids = corpus_ids(tokenizer, args.load_prompt_tokens * 8, seed=1)[0]
-    prompts = [
-        tokenizer.decode(stream_ids[offset : offset + args.load_prompt_tokens])
-        for offset in range(0, len(stream_ids) - args.load_prompt_tokens + 1, args.load_prompt_tokens // 2)
-    ]
-    results = []
-    with BackgroundServer(create_app(lm, tokenizer)) as server:
-        for concurrency, requests in zip(args.concurrency, args.requests):
-            payloads = [
-                {"prompt": prompts[i % len(prompts)], "max_tokens": args.load_max_tokens, "temperature": 0,
-                 "augment": args.load_augment}
-                for i in range(requests)
-            ]
-            run_load_test(server.url, payloads[:1], concurrency=1)  # warm-up
-            result = run_load_test(server.url, payloads, concurrency=concurrency).to_dict()
-            results.append(result)
-            print(f"  concurrency {concurrency:2d}: {requests} requests, p50 {result['latency_p50_s']:.2f} s, "
-                  f"p95 {result['latency_p95_s']:.2f} s, {result['errors']} errors", flush=True)
+def load_prompts(tokenizer, num_tokens: int, count: int = 64) -> list[str]:
+    """Distinct prompts of about ``num_tokens`` tokens (overlapping windows of one arithmetic-problem text)."""
+    ids = corpus_ids(tokenizer, num_tokens * (count // 2 + 2), seed=1)[0]
+    return [tokenizer.decode(ids[offset : offset + num_tokens]) for offset in range(0, num_tokens * count // 2, num_tokens // 2)]
+
+
+def bench_load(lm, tokenizer, args) -> dict:
+    prompts = load_prompts(tokenizer, args.load_prompt_tokens)
+    levels, app = [], create_app(lm, tokenizer, max_batch=max(args.concurrency), max_queue=4 * max(args.concurrency))
+    memory = {"before_load_bytes": resident_memory_bytes()}
+    with BackgroundServer(app) as server:
+        for augment in args.load_augment:
+            for concurrency, requests in zip(args.concurrency, args.requests):
+                payloads = [{"prompt": prompts[i % len(prompts)], "max_tokens": args.load_max_tokens, "temperature": 0,
+                             "augment": augment} for i in range(requests)]
+                run_stream_load_test(server.url, payloads[:1], concurrency=1)  # warm-up
+                result = {"augment": augment, **run_stream_load_test(server.url, payloads, concurrency).to_dict()}
+                levels.append(result)
+                print(f"  {augment:5s} concurrency {concurrency:2d}: {requests} requests, {result['tokens_per_s']:.1f} tok/s, "
+                      f"TTFT p50 {result['ttft_p50_s']:.2f} s p95 {result['ttft_p95_s']:.2f} s, "
+                      f"{result['errors']} errors", flush=True)
+        memory["after_levels_bytes"] = resident_memory_bytes()
+        soak = None
+        if args.soak_requests:
+            payloads = [{"prompt": prompts[i % len(prompts)], "max_tokens": 16, "temperature": 0, "augment": "sync"}
+                        for i in range(args.soak_requests)]
+            first = run_stream_load_test(server.url, payloads[:50], args.soak_concurrency)
+            after_50 = resident_memory_bytes()
+            rest = run_stream_load_test(server.url, payloads[50:], args.soak_concurrency)
+            after_all = resident_memory_bytes()
+            soak = {"requests": args.soak_requests, "concurrency": args.soak_concurrency, "max_tokens": 16,
+                    "errors": first.errors + rest.errors, "rss_after_50_bytes": after_50,
+                    "rss_after_all_bytes": after_all, "rss_growth": after_all / after_50 - 1,
+                    "tokens_per_s": rest.tokens_per_s}
+            print(f"  soak: {args.soak_requests} requests, RSS {after_50 / 2**20:.0f} MiB after 50 -> "
+                  f"{after_all / 2**20:.0f} MiB after all ({100 * soak['rss_growth']:+.1f}%), {soak['errors']} errors",
+                  flush=True)
+    return {"levels": levels, "memory": memory, "soak": soak, "bank": bench_bank(lm, tokenizer, args, prompts)}
+
+
+def bench_bank(lm, tokenizer, args, prompts: list[str]) -> dict | None:
+    """TTFT of questions about one long banked context, from the bank vs computed afresh (sync augmentation)."""
+    if not args.bank_context_tokens:
+        return None
+    import tempfile
+
+    context = tokenizer.decode(corpus_ids(tokenizer, args.bank_context_tokens, seed=2)[0])
+    questions = [f"\nQuestion {i}: what is the answer to problem {i}?\nAnswer:" for i in range(8)]
+    payloads = [{"prompt": context + q, "max_tokens": 8, "temperature": 0, "augment": "sync"} for q in questions]
+    results = {}
+    with tempfile.TemporaryDirectory() as root:
+        bank = CacheBank(root, lm, tokenizer)
+        bank.add_text(context)
+        for name, use in (("fresh", None), ("banked", bank)):
+            with BackgroundServer(create_app(lm, tokenizer, bank=use)) as server:
+                run_stream_load_test(server.url, payloads[:1], concurrency=1)  # warm-up
+                results[name] = run_stream_load_test(server.url, payloads, concurrency=1).to_dict()
+    results["context_tokens"] = args.bank_context_tokens
+    results["ttft_saving"] = 1 - results["banked"]["ttft_p50_s"] / results["fresh"]["ttft_p50_s"]
+    print(f"  bank: {args.bank_context_tokens}-token context, TTFT p50 fresh {results['fresh']['ttft_p50_s']:.2f} s, "
+          f"banked {results['banked']['ttft_p50_s']:.2f} s", flush=True)
     return results
 
 
@@ -184,11 +232,28 @@ def report(decoding: dict, load: list[dict], num_latents: int) -> str:
     lines.append(f"sync added {100 * d['sync']['added_vs_plain_s'] / plain:+.0f}% TTFT; CoT of N_L tokens costs "
                  f"{d['cot_over_sync']:.1f}x sync's added time ({d['cot_over_sync_floor']:.1f}x its floor)")
     if load:
-        lines += ["", "concurrency | requests | p50 latency | p95 latency | req/s | errors",
-                  "----------- | -------- | ----------- | ----------- | ----- | ------"]
-        for r in load:
-            lines.append(f"{r['concurrency']:11d} | {r['requests']:8d} | {r['latency_p50_s']:9.2f} s "
-                         f"| {r['latency_p95_s']:9.2f} s | {r['requests_per_s']:5.2f} | {r['errors']:6d}")
+        lines += ["", "augment | concurrency | requests | tok/s | x conc. 1 | TTFT p50 | TTFT p95 | per-token p50 | p95 | errors",
+                  "------- | ----------- | -------- | ----- | --------- | -------- | -------- | ------------- | --- | ------"]
+        single = {r["augment"]: r["tokens_per_s"] for r in load["levels"] if r["concurrency"] == 1}
+        for r in load["levels"]:
+            speedup = r["tokens_per_s"] / single[r["augment"]] if r["augment"] in single else float("nan")
+            lines.append(f"{r['augment']:7s} | {r['concurrency']:11d} | {r['requests']:8d} | {r['tokens_per_s']:5.1f} "
+                         f"| {speedup:8.1f}x | {r['ttft_p50_s']:6.2f} s | {r['ttft_p95_s']:6.2f} s "
+                         f"| {1000 * r['token_latency_p50_s']:10.0f} ms | {1000 * r['token_latency_p95_s']:3.0f} ms "
+                         f"| {r['errors']:6d}")
+        memory = load["memory"]
+        lines.append(f"server RSS: {memory['before_load_bytes'] / 2**20:.0f} MiB before the load, "
+                     f"{memory['after_levels_bytes'] / 2**20:.0f} MiB after it")
+        if load["soak"]:
+            soak = load["soak"]
+            lines.append(f"soak: {soak['requests']} requests at concurrency {soak['concurrency']}: RSS "
+                         f"{soak['rss_after_50_bytes'] / 2**20:.0f} MiB after 50, {soak['rss_after_all_bytes'] / 2**20:.0f} "
+                         f"MiB after all ({100 * soak['rss_growth']:+.1f}%), {soak['errors']} errors")
+        if load["bank"]:
+            bank = load["bank"]
+            lines.append(f"bank: {bank['context_tokens']}-token banked context + question, TTFT p50 "
+                         f"{bank['fresh']['ttft_p50_s']:.2f} s afresh vs {bank['banked']['ttft_p50_s']:.2f} s banked "
+                         f"({100 * bank['ttft_saving']:.0f}% saved)")
     return "\n".join(lines)
 
 
@@ -200,11 +265,15 @@ def main() -> None:
     parser.add_argument("--prompt-tokens", type=int, default=512)
     parser.add_argument("--new-tokens", type=int, default=32, help="answer tokens decoded per mode")
     parser.add_argument("--repeats", type=int, default=3, help="timed runs per mode (median), after one warm-up")
-    parser.add_argument("--requests", type=_int_list, default=[16, 32, 48], help="requests per load level")
-    parser.add_argument("--concurrency", type=_int_list, default=[1, 4, 16], help="concurrent clients per level")
+    parser.add_argument("--requests", type=_int_list, default=[4, 8, 32, 64], help="requests per load level")
+    parser.add_argument("--concurrency", type=_int_list, default=[1, 4, 16, 32], help="concurrent clients per level")
     parser.add_argument("--load-prompt-tokens", type=int, default=128)
-    parser.add_argument("--load-max-tokens", type=int, default=16)
-    parser.add_argument("--load-augment", choices=("off", "sync", "async"), default="sync")
+    parser.add_argument("--load-max-tokens", type=int, default=64)
+    parser.add_argument("--load-augment", type=lambda text: text.split(","), default=["off", "sync", "async"],
+                        help="augment modes of the load test, comma-separated")
+    parser.add_argument("--soak-requests", type=int, default=500, help="requests of the memory soak (0: none)")
+    parser.add_argument("--soak-concurrency", type=int, default=16)
+    parser.add_argument("--bank-context-tokens", type=int, default=1024, help="banked context of the bank check (0: none)")
     parser.add_argument("--skip-load", action="store_true", help="only the decoding measurements")
     parser.add_argument("--json", default=None, help="also write the results here")
     args = parser.parse_args()
@@ -217,7 +286,7 @@ def main() -> None:
     print(f"{lm.config.base_model}: N_L={lm.config.num_latents}, prompt {args.prompt_tokens} tokens, "
           f"{torch.get_num_threads()} torch threads", flush=True)
     decoding = bench_decoding(lm, tokenizer, args)
-    load = [] if args.skip_load else bench_load(lm, tokenizer, args)
+    load = None if args.skip_load else bench_load(lm, tokenizer, args)
     text = report(decoding, load, lm.config.num_latents)
     print(text)
     if args.json:

@@ -94,6 +94,23 @@ def perturbed_lm(arch: str = "llama", *, seed: int = 1, scale: float = 0.05, bas
     return perturb(lm, seed, scale) if scale else lm
 
 
+# The byte tokenizer has no chat template; the server's chat tests give it this one: "<role>content\n" per message.
+CHAT_TEMPLATE = (
+    "{% for m in messages %}<{{ m['role'] }}>{{ m['content'] }}\n{% endfor %}"
+    "{% if add_generation_prompt %}<assistant>{% endif %}"
+)
+
+
+def served_model() -> tuple[AugmentedLM, object]:
+    """What the serving tests serve: tiny-random (a 2048-position Llama) + a perturbed 4-latent coprocessor, and its
+    byte tokenizer."""
+    from cacheaug import load_base
+
+    base, tokenizer = load_base("tiny-random")
+    torch.manual_seed(0)  # the soft tokens come from the global RNG: the same model whatever ran before
+    return perturb(AugmentedLM(base, CoprocessorConfig(num_latents=4)), seed=2), tokenizer
+
+
 def prompt_ids(batch: int = 1, length: int = 9, seed: int = 0) -> torch.Tensor:
     return torch.randint(2, VOCAB, (batch, length), generator=torch.Generator().manual_seed(seed))
 

@@ -58,3 +58,49 @@ def test_augment_input_errors():
         lm.augment()
     with pytest.raises(ValueError, match="input_ids must be"):
         lm.augment(torch.zeros(3, dtype=torch.long))
+
+
+@pytest.mark.parametrize("readout, gate", [("latent", False), ("token", True)])
+@torch.no_grad()
+def test_stacked_rows_decode_as_each_alone_and_hidden_slots_can_go(readout, gate):
+    """Rows of different lengths, some augmented (a server's batch): stacked, stepped together, compacted
+    after one leaves, each row's logits equal those of the row decoded alone."""
+    from cacheaug.state import (
+        compute_latents, drop_hidden_slots, feed_token, insert_latents, prefill, select_rows, stack_states,
+    )
+
+    lm = _lm("llama", readout=readout, latent_gate=gate)
+    prompts = [_prompt(1, length, seed=length) for length in (5, 12, 8)]
+    alone = [prefill(lm.base, p) for p in prompts]
+    alone[1] = insert_latents(lm, alone[1], compute_latents(lm, alone[1]))
+    together = stack_states([s for s in alone])
+    tokens = torch.tensor([[7, 9, 11, 13], [21, 23, 25, 27], [31, 33, 35, 37]])
+    for step in range(4):
+        torch.testing.assert_close(together.logits, torch.cat([s.logits for s in alone]), atol=1e-5, rtol=1e-5)
+        for row, state in enumerate(alone):
+            feed_token(lm.base, state, tokens[row, step : step + 1])
+        feed_token(lm.base, together, tokens[:, step])
+        if step == 1:  # the longest row leaves: its padding is hidden from every row that stays
+            together = select_rows(together, torch.tensor([0, 2]))
+            alone = [alone[0], alone[2]]
+            tokens = tokens[[0, 2]]
+            length = kv.cache_length(together.cache)
+            together = drop_hidden_slots(together)
+            assert kv.cache_length(together.cache) < length
+            assert bool(together.slot_mask.bool().any(dim=0).all())
+            late = insert_latents(lm, select_rows(together, torch.tensor([1])), compute_latents(lm, alone[1]))
+            alone[1] = insert_latents(lm, alone[1], compute_latents(lm, alone[1]))
+            together = stack_states([select_rows(together, torch.tensor([0])), late])
+    torch.testing.assert_close(together.logits, torch.cat([s.logits for s in alone]), atol=1e-5, rtol=1e-5)
+
+
+def test_stacking_refuses_sliding_windows_and_pending_latents():
+    from cacheaug.state import prefill, stack_states
+
+    lm = _lm("mistral")
+    states = [prefill(lm.base, _prompt(1, n, seed=n)) for n in (5, 9)]
+    with pytest.raises(TypeError, match="sliding-window"):
+        stack_states(states)
+    states[0].pending = torch.zeros(1, 4, 8)
+    with pytest.raises(Exception, match="pending"):
+        stack_states(states)

@@ -25,6 +25,8 @@ __all__ = [
     "cache_batch_size",
     "repeat_batch",
     "select_rows",
+    "stack_rows",
+    "keep_slots",
     "cache_state",
     "cache_from_state",
 ]
@@ -150,6 +152,33 @@ def repeat_batch(cache: Cache, batch: int) -> DynamicCache:
 def select_rows(cache: Cache, rows: torch.Tensor) -> DynamicCache:
     """A copy holding only the batch rows ``rows`` (1D index tensor), in that order."""
     return _map_rows(cache, lambda tensor: tensor.index_select(0, rows.to(tensor.device)))
+
+
+def stack_rows(caches: list[Cache]) -> DynamicCache:
+    """One cache holding the rows of every cache in ``caches``, in order, aligned on their last slot: a
+    shorter cache gets zero slots on the left, which the caller's slot mask must hide. (B_i, H, T_i, D) per
+    layer -> (sum B_i, H, max T_i, D). Sliding layers are refused (padding would count toward their window)."""
+    lengths = [cache_length(cache) for cache in caches]
+    width = max(lengths)
+    stacked = copy_cache(caches[0])
+    for index, layer in enumerate(stacked.layers):
+        if isinstance(layer, DynamicSlidingWindowLayer):
+            raise TypeError("cannot stack the rows of caches with sliding-window layers")
+        keys, values = [], []
+        for cache, length in zip(caches, lengths):
+            source = cache.layers[index]
+            if source.keys.shape[-2] != length:
+                raise ValueError(f"layer {index} holds {source.keys.shape[-2]} slots, the cache {length}")
+            pad = (0, 0, width - length, 0)  # (D: none, T: on the left)
+            keys.append(torch.nn.functional.pad(source.keys, pad))
+            values.append(torch.nn.functional.pad(source.values, pad))
+        layer.keys, layer.values = torch.cat(keys, dim=0), torch.cat(values, dim=0)
+    return stacked
+
+
+def keep_slots(cache: Cache, slots: torch.Tensor) -> DynamicCache:
+    """A copy holding only the slots ``slots`` (1D ascending index) of every row: (B, H, T, D) -> (B, H, len, D)."""
+    return _map_rows(cache, lambda tensor: tensor.index_select(2, slots.to(tensor.device)))
 
 
 def _layer_kind(layer) -> str:

@@ -12,6 +12,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import logging
+import os
 import shlex
 import sys
 import typing
@@ -87,8 +88,20 @@ def run_serve(args: ServeArgs, command: str) -> int:
 
     from .coprocessor import load_checkpoint  # torch: only once the inputs are known to be good
 
+    if args.bank is not None and not Path(args.bank).is_dir():
+        raise DataError(f"--bank {args.bank} is not a folder (make one with `cacheaug bank add --root`)")
     lm, tokenizer = load_checkpoint(args.ckpt, args.dtype)
-    server.serve(lm, tokenizer, host=args.host, port=args.port, augment_timeout_s=args.augment_timeout)
+    bank = None
+    if args.bank is not None:
+        from .serving.bank import CacheBank
+
+        bank = CacheBank(args.bank, lm, tokenizer)
+        print(f"cache bank {args.bank}: {bank.refresh_index()} entries for this checkpoint")
+    server.serve(
+        lm, tokenizer, host=args.host, port=args.port, augment_timeout_s=args.augment_timeout,
+        max_batch=args.max_batch, max_queue=args.max_queue, request_timeout_s=args.request_timeout, bank=bank,
+        api_key=args.api_key or os.environ.get(server.API_KEY_ENV) or None,
+    )
     return 0
 
 

@@ -26,11 +26,15 @@ def next_token(
         return logits.argmax(dim=-1)
     if temperature <= 0:
         raise InputError(f"temperature must be > 0 when sampling, got {temperature}")
-    probs = torch.softmax(logits.float() / temperature, dim=-1)
+    # The max subtracted first, so a tiny temperature tends to argmax instead of overflowing to inf - inf = nan;
+    # below float32's smallest normal number the temperature itself would round to 0 (0 / 0 = nan): float64.
+    scaled = logits.float() if temperature >= 1e-37 else logits.double()
+    probs = torch.softmax((scaled - scaled.max(dim=-1, keepdim=True).values) / temperature, dim=-1)
     if top_p < 1.0:
         sorted_probs, order = probs.sort(dim=-1, descending=True)
         # keep the smallest prefix whose mass reaches top_p (the first token always stays)
         drop = sorted_probs.cumsum(dim=-1) - sorted_probs >= top_p
+        drop[..., 0] = False  # even for a top_p that rounds to 0 in float32
         sorted_probs = sorted_probs.masked_fill(drop, 0.0)
         probs = torch.zeros_like(probs).scatter(-1, order, sorted_probs)
     return torch.multinomial(probs, 1, generator=generator)[:, 0]

@@ -1,5 +1,5 @@
 """The decode state and the steps of the frozen base over a kv-cache: prefill, feed, compute and insert latents,
-copy, select rows.
+copy, select, stack and compact rows.
 
 One state serves one sequence or a padded batch of rows of different lengths (their next positions differ).
 Outside the training loss, every forward of the base with a cache goes through :func:`base_forward`, which
@@ -287,6 +287,70 @@ def select_rows(state: DecodeState, rows: torch.Tensor) -> DecodeState:
         pick(state.logits), pick(state.latents), pick(state.slot_mask), pick(state.latent_slots),
         pick(state.last_token), state.gates, pick(state.last_slot), pick(state.pending), state.pending_after,
     )
+
+
+def stack_states(states: list[DecodeState]) -> DecodeState:
+    """One state holding the rows of every state in ``states``, in order, so that one forward advances them all
+    (a server's running batch taking in new requests).
+
+    The caches are aligned on their last slot: a shorter one gets hidden slots on the left (kv.stack_rows), and
+    every row keeps its own next position, so each row decodes as it would alone where padding is exact
+    (padded_batches_are_exact: no sliding-window layer). Latents waiting in ``pending`` are refused: whoever
+    stacks rows inserts latents itself.
+    """
+    if any(state.pending is not None for state in states):
+        raise InputError("cannot stack states whose latents are still pending")
+    if len(states) == 1:
+        return states[0]
+    lengths = [kv.cache_length(state.cache) for state in states]
+    width = max(lengths)
+    device = states[0].logits.device
+    slot_masks, latent_slots, next_positions, last_slots = [], [], [], []
+    any_latents = any(state.latent_slots is not None for state in states)
+    for state, length in zip(states, lengths):
+        batch, pad = state.logits.shape[0], width - length
+        shown = state.slot_mask if state.slot_mask is not None else torch.ones(batch, length, dtype=torch.long, device=device)
+        slot_masks.append(torch.cat([shown.new_zeros(batch, pad), shown], dim=1))  # (b, width)
+        if any_latents:
+            held = state.latent_slots if state.latent_slots is not None else torch.zeros(
+                batch, length, dtype=torch.bool, device=device
+            )
+            latent_slots.append(torch.cat([held.new_zeros(batch, pad), held], dim=1))
+        position = state.next_position
+        next_positions.append(position if isinstance(position, torch.Tensor) else torch.full((batch,), position, device=device))
+        last = state.last_slot if state.last_slot is not None else torch.full((batch,), length - 1, device=device)
+        last_slots.append(last + pad)
+    last_slot = torch.cat(last_slots)
+    tokens = [state.last_token for state in states]
+    return DecodeState(
+        kv.stack_rows([state.cache for state in states]),
+        torch.cat(next_positions),
+        torch.cat([state.logits for state in states]),
+        slot_mask=torch.cat(slot_masks),
+        latent_slots=torch.cat(latent_slots) if any_latents else None,
+        last_token=torch.cat(tokens) if all(token is not None for token in tokens) else None,
+        gates=next((state.gates for state in states if state.gates is not None), None),
+        last_slot=None if bool((last_slot == width - 1).all()) else last_slot,
+    )
+
+
+def drop_hidden_slots(state: DecodeState) -> DecodeState:
+    """``state`` without the slots that no row sees (padding left behind by rows that have gone, tokens read
+    again after latents): the same attention for every row, a shorter cache. Full-attention caches only."""
+    if state.slot_mask is None:
+        return state
+    seen = state.slot_mask.bool().any(dim=0)  # (S,)
+    if bool(seen.all()):
+        return state
+    slots = seen.nonzero()[:, 0]
+    new = copy_state(state)
+    new.cache = kv.keep_slots(state.cache, slots)
+    new.slot_mask = state.slot_mask[:, slots]
+    if state.latent_slots is not None:
+        new.latent_slots = state.latent_slots[:, slots]
+    if state.last_slot is not None:  # a row's last token is visible, so it keeps a slot: its new index
+        new.last_slot = (seen.long().cumsum(0) - 1)[state.last_slot]
+    return new
 
 
 # ---------------------------------------------------------------------------- states after a context

@@ -158,10 +158,19 @@ class ServeArgs(CheckpointArgs):
 
     host: str = "127.0.0.1"  # address to listen on
     port: int = 8000  # port to listen on
-    augment_timeout: float = 30.0  # seconds the coprocessor may take before a request goes on unaugmented
+    augment_timeout: float = 30.0  # seconds an async coprocessor may take before its request goes on unaugmented
+    max_batch: int = 32  # requests decoded at once (one batched forward per token)
+    max_queue: int = 64  # requests waiting for a row; beyond, 503 with Retry-After
+    request_timeout: float = 600.0  # seconds a request may take from its arrival, then 504
+    bank: str | None = None  # a cache bank folder (`cacheaug bank add --root`): prompts continue banked contexts
+    api_key: str | None = None  # require `Authorization: Bearer <key>` (default: $CACHEAUG_API_KEY)
 
     def __post_init__(self) -> None:
-        _check(self, ("port",))
+        _check(self, ("port", "max_batch"))
+        if self.max_queue < 0:
+            raise ConfigError(f"max_queue must be >= 0, got {self.max_queue}")
+        if not (self.request_timeout > 0 and self.augment_timeout > 0):
+            raise ConfigError(f"timeouts must be > 0, got {self.request_timeout} and {self.augment_timeout}")
 
 
 @dataclass

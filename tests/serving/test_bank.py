@@ -11,6 +11,7 @@ import torch
 
 from cacheaug import AugmentedLM, CoprocessorConfig
 from cacheaug import cache as kv
+from cacheaug.errors import InputError
 from cacheaug.serving.bank import CacheBank
 from cacheaug.generate import decode
 from helpers import PAPER, VOCAB, perturbed_lm
@@ -181,3 +182,148 @@ def test_add_text_and_cli(tmp_path, capsys):
     too_long.write_text("x" * 2048)  # 2048 byte tokens + latents > the tiny model's 2048 positions
     assert main(["bank", "add", "--ckpt", str(tmp_path / "ckpt"), "--root", str(root), str(too_long)]) == 2
     assert "do not fit the model's context" in capsys.readouterr().err
+
+
+# ---------------------------------------------------------------------------- the longest banked prefix
+def _assert_fresh(lm, state, prefix) -> None:
+    """``state`` is what ``lm.augment(prefix)`` gives now, and decodes alike."""
+    with torch.no_grad():
+        fresh = lm.augment(prefix)
+    torch.testing.assert_close(state.logits, fresh.logits, rtol=0, atol=1e-6)
+    assert state.next_position == fresh.next_position and kv.caches_equal(state.cache, fresh.cache)
+    torch.testing.assert_close(_decoded(lm, state).logits, _decoded(lm, fresh).logits, rtol=0, atol=1e-6)
+
+
+def test_prefix_hashes_equal_the_headers_token_hash():
+    from cacheaug.serving.bank import _prefix_sha256s, _sha256_json
+
+    ids = _ids(length=30)[0].tolist()
+    lengths = [1, 2, 7, 30, 31, 0]  # past the end and empty: left out
+    assert _prefix_sha256s(ids, lengths) == {n: _sha256_json(ids[:n]) for n in (1, 2, 7, 30)}
+
+
+def test_longest_prefix_picks_the_longer_nested_context(tmp_path):
+    lm, prompt = _lm(), _ids(length=20)
+    bank = CacheBank(tmp_path, lm)
+    assert bank.longest_prefix(prompt) is None  # the index is built empty, then kept up to date by build
+    bank.build(prompt[:, :6])
+    bank.build(prompt[:, :12])
+    state, length, status = bank.longest_prefix(prompt)
+    assert (length, status) == (12, "hit (memory)")
+    _assert_fresh(lm, state, prompt[:, :12])
+    state, length, status = CacheBank(tmp_path, lm).longest_prefix(prompt[0].tolist())  # a 1D list; from disk
+    assert (length, status) == (12, "hit (disk)")
+    _assert_fresh(lm, state, prompt[:, :12])
+    assert bank.longest_prefix(prompt[0, :9])[1] == 6  # the longer entry does not fit a shorter prompt
+    with pytest.raises(InputError, match="one prompt"):
+        bank.longest_prefix(torch.cat([prompt, prompt]))
+
+
+def test_longest_prefix_matches_a_whole_prompt(tmp_path):
+    lm, prompt = _lm(), _ids(length=10)
+    CacheBank(tmp_path, lm).build(prompt)
+    state, length, status = CacheBank(tmp_path, lm).longest_prefix(prompt)
+    assert (length, status) == (10, "hit (disk)")
+    _assert_fresh(lm, state, prompt)
+
+
+def test_longest_prefix_without_a_match_is_none(tmp_path):
+    lm, context = _lm(), _ids(length=8)
+    assert CacheBank(tmp_path / "absent", lm).longest_prefix(context) is None
+    CacheBank(tmp_path, lm).build(context)
+    bank = CacheBank(tmp_path, lm)
+    assert bank.longest_prefix(_ids(length=12, seed=5)) is None  # other tokens
+    assert bank.longest_prefix(context[:, :7]) is None  # the prompt is a prefix of the entry, not the reverse
+
+
+def test_a_prompt_diverging_inside_a_banked_context_does_not_match_it(tmp_path):
+    lm, prompt = _lm(), _ids(length=16)
+    bank = CacheBank(tmp_path, lm)
+    bank.build(prompt[:, :12])
+    diverging = prompt.clone()
+    diverging[0, 8] = (diverging[0, 8] + 1) % VOCAB  # one token inside the banked 12 differs
+    assert bank.longest_prefix(diverging) is None
+    bank.build(prompt[:, :4])
+    state, length, _ = bank.longest_prefix(diverging)
+    assert length == 4
+    _assert_fresh(lm, state, prompt[:, :4])
+
+
+def test_a_damaged_longest_entry_falls_back_to_the_shorter(tmp_path, caplog):
+    lm, prompt = _lm(), _ids(length=16)
+    writer = CacheBank(tmp_path, lm)
+    writer.build(prompt[:, :5])
+    writer.build(prompt[:, :11])
+    _flip_tensor_byte(writer.path_for(prompt[:, :11]))
+    bank = CacheBank(tmp_path, lm)
+    with caplog.at_level("WARNING", logger="cacheaug.serving.bank"):
+        state, length, status = bank.longest_prefix(prompt)
+    assert (length, status) == (5, "hit (disk)") and "tensor data corrupted" in caplog.text
+    _assert_fresh(lm, state, prompt[:, :5])
+    caplog.clear()
+    assert bank.longest_prefix(prompt)[1] == 5 and "rejecting" not in caplog.text  # not read again
+    bank.get_or_build(prompt[:, :11])  # rebuilt: matched again
+    assert bank.last_status.startswith("rebuilt") and bank.longest_prefix(prompt)[1] == 11
+
+
+def test_an_entry_another_bank_wrote_is_found_after_refresh_index(tmp_path):
+    lm, prompt = _lm(), _ids(length=14)
+    server = CacheBank(tmp_path, lm)
+    assert server.longest_prefix(prompt) is None
+    CacheBank(tmp_path, lm).build(prompt[:, :9])  # another process, e.g. `cacheaug bank add`
+    assert server.longest_prefix(prompt) is None  # the index is not rescanned on every lookup
+    assert server.refresh_index() == 1
+    state, length, status = server.longest_prefix(prompt)
+    assert (length, status) == (9, "hit (disk)")
+    _assert_fresh(lm, state, prompt[:, :9])
+
+
+def test_longest_prefix_never_matches_another_models_entries(tmp_path):
+    prompt = _ids(length=14)
+    lm_a, lm_b = _lm(seed=2), _lm(seed=3)  # same base, other coprocessor weights
+    CacheBank(tmp_path, lm_a).build(prompt[:, :10])
+    bank_b = CacheBank(tmp_path, lm_b)
+    assert bank_b.longest_prefix(prompt) is None and bank_b.refresh_index() == 0
+    bank_b.build(prompt[:, :3])
+    state, length, _ = bank_b.longest_prefix(prompt)  # its own shorter entry, not a's longer one
+    assert length == 3
+    _assert_fresh(lm_b, state, prompt[:, :3])
+
+
+def test_threads_share_a_bank(tmp_path):
+    import threading
+
+    lm, prompt = _lm(), _ids(length=18)
+    lengths = (4, 9, 13)  # nested contexts, all prefixes of the prompt
+    with torch.no_grad():
+        fresh = {n: lm.augment(prompt[:, :n]) for n in lengths}
+    bank = CacheBank(tmp_path, lm, memory_entries=2)  # evictions: disk loads too
+    built, augment = [], lm.augment
+    lm.augment = lambda ids: built.append(ids.shape[1]) or augment(ids)
+    start, errors, results = threading.Barrier(8), [], []
+
+    def worker(thread: int) -> None:
+        try:
+            start.wait()
+            for call in range(10):
+                length = lengths[(thread + call) % len(lengths)]
+                if (thread + call) % 2:
+                    results.append((length, bank.get_or_build(prompt[:, :length])))
+                elif (found := bank.longest_prefix(prompt)) is not None:
+                    results.append(found[:2][::-1])
+        except BaseException as error:  # re-raised in the main thread below
+            errors.append(error)
+
+    threads = [threading.Thread(target=worker, args=(thread,)) for thread in range(8)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    assert not errors, errors
+    assert len(results) >= 40
+    for length, state in results:  # whatever was banked when asked, each answer is that prefix's state
+        torch.testing.assert_close(state.logits, fresh[length].logits, rtol=0, atol=1e-6)
+        assert kv.caches_equal(state.cache, fresh[length].cache)
+    state, length, _ = bank.longest_prefix(prompt)
+    assert length == 13 and kv.caches_equal(state.cache, fresh[13].cache)
+    assert sorted(built) == list(lengths)  # each context built once: the others waited and found it

@@ -4,32 +4,18 @@ equal to sequential ones, a broken coprocessor never failing a request, and a lo
 from __future__ import annotations
 
 import json
+import time
 from concurrent.futures import ThreadPoolExecutor
 
 import pytest
-import torch
 from fastapi.testclient import TestClient
 
 from cacheaug import AugmentedLM, CoprocessorConfig, load_base
 from cacheaug.models import byte_tokenizer
 from cacheaug.serving.server import create_app
+from helpers import CHAT_TEMPLATE
 
-CHAT_TEMPLATE = (
-    "{% for m in messages %}<{{ m['role'] }}>{{ m['content'] }}\n{% endfor %}"
-    "{% if add_generation_prompt %}<assistant>{% endif %}"
-)
-
-
-@pytest.fixture(scope="module")
-def model():
-    base, tokenizer = load_base("tiny-random")
-    torch.manual_seed(0)  # the soft tokens come from the global RNG: the same model whatever ran before
-    lm = AugmentedLM(base, CoprocessorConfig(num_latents=4))
-    generator = torch.Generator().manual_seed(2)
-    with torch.no_grad():
-        for parameter in lm.trainable_parameters():
-            parameter.add_(torch.randn(parameter.shape, generator=generator) * 0.05)
-    return lm, tokenizer
+# `model` (the perturbed tiny AugmentedLM and its tokenizer) comes from conftest.py.
 
 
 @pytest.fixture(scope="module")
@@ -81,7 +67,9 @@ def test_health(client):
         ('{"prompt": "hi", "top_p": 0}', "'top_p': Input should be greater than 0"),
         ('{"prompt": "hi", "top_p": 1.5}', "'top_p'"),
         ('{"prompt": "hi", "n": 2}', "'n'"),
-        ('{"prompt": "hi", "stop": ["a", "b", "c", "d", "e"]}', "'stop'"),
+        ('{"prompt": "hi", "stop": ["a", "b", "c", "d", "e"]}', "at most 4 items"),
+        ('{"prompt": "\\ud800"}', "'prompt' is not valid Unicode"),
+        (b'{"prompt": "\xff"}', "the body could not be parsed"),
     ],
 )
 def test_invalid_requests_get_4xx_with_a_message_and_the_server_keeps_serving(client, body, message):
@@ -97,7 +85,7 @@ def test_completion_reports_augmentation(client, model):
     augmented = _complete(client, prompt="The answer is")
     plain = _complete(client, prompt="The answer is", augment="off")
     assert augmented["augmentation"] == {
-        "requested": "sync", "status": "applied", "applied": True, "insertions": [0], "num_latents": 4
+        "requested": "sync", "status": "applied", "applied": True, "insertions": [0], "num_latents": 4, "bank": None
     }
     assert plain["augmentation"]["status"] == "off" and not plain["augmentation"]["applied"]
     ids = tokenizer("The answer is", return_tensors="pt").input_ids
@@ -130,6 +118,8 @@ def test_stop_strings(client):
     body = {"prompt": "Stop here", "max_tokens": 20, "temperature": 0, "stop": [stop]}
     chunks = _sse(client, "/v1/completions", body)
     assert "".join(chunk["choices"][0]["text"] for chunk in chunks) == full[: full.find(stop)]
+    one_long = client.post("/v1/completions", json={"prompt": "x", "max_tokens": 2, "stop": "a stop string of 30 chars"})
+    assert one_long.status_code == 200  # the 4-item limit is on lists, not on a single string's length
 
 
 def test_concurrent_requests_equal_sequential_ones(client):
@@ -195,7 +185,14 @@ def test_serve_cli_loads_the_checkpoint(tmp_path, monkeypatch):
     monkeypatch.setattr(cacheaug.serving.server, "serve", lambda lm, tokenizer, **options: calls.append((lm, options)))
     assert main(["serve", "--ckpt", str(tmp_path / "ckpt"), "--port", "8123"]) == 0
     lm, options = calls[0]
-    assert lm.config.num_latents == 4 and options == {"host": "127.0.0.1", "port": 8123, "augment_timeout_s": 30.0}
+    assert lm.config.num_latents == 4 and options == {
+        "host": "127.0.0.1", "port": 8123, "augment_timeout_s": 30.0, "max_batch": 32, "max_queue": 64,
+        "request_timeout_s": 600.0, "bank": None, "api_key": None,
+    }
+    monkeypatch.setenv("CACHEAUG_API_KEY", "from-the-environment")
+    assert main(["serve", "--ckpt", str(tmp_path / "ckpt"), "--max-batch", "4"]) == 0
+    assert calls[1][1]["api_key"] == "from-the-environment" and calls[1][1]["max_batch"] == 4
+    assert main(["serve", "--ckpt", str(tmp_path / "ckpt"), "--bank", str(tmp_path / "nowhere")]) == 2
 
 
 def test_chat_default_max_tokens_fill_the_context_with_room_for_latents(client):
@@ -209,3 +206,109 @@ def test_chat_default_max_tokens_fill_the_context_with_room_for_latents(client):
         first = 0 if request.augment == "off" else 4
         assert 1000 + first + max_tokens * (1 + latents_per_token) <= 2048
         assert 1000 + first + (max_tokens + 8) * (1 + latents_per_token) > 2048 - 8  # and nearly fill it
+
+
+def test_an_api_key_guards_every_endpoint_but_health(model):
+    lm, tokenizer = model
+    body = {"prompt": "Who goes there", "max_tokens": 3}
+    with TestClient(create_app(lm, tokenizer, api_key="s3cret")) as client:
+        assert client.get("/health").status_code == 200
+        for headers in ({}, {"Authorization": "Bearer wrong"}, {"Authorization": "s3cret"},
+                        {"Authorization": "Basic s3cret"}, {"Authorization": "Bearer s3cret-and-more"}):
+            for method, path in (("post", "/v1/completions"), ("get", "/metrics"), ("get", "/v1/models")):
+                response = getattr(client, method)(path, headers=headers, **({"json": body} if method == "post" else {}))
+                assert response.status_code == 401 and "API key" in response.json()["error"]["message"]
+                assert response.headers["www-authenticate"] == "Bearer" and "choices" not in response.json()
+        assert client.app.state.cacheaug.scheduler.counters["tokens"] == 0  # nothing was decoded for them
+        good = client.post("/v1/completions", json=body, headers={"Authorization": "Bearer s3cret"})
+        assert good.status_code == 200 and good.json()["usage"]["completion_tokens"] == 3
+
+
+def test_metrics_are_prometheus_text(client):
+    _complete(client, prompt="Count me")
+    client.post("/v1/completions", json={"prompt": 7})
+    response = client.get("/metrics")
+    assert response.status_code == 200 and response.headers["content-type"].startswith("text/plain; version=0.0.4")
+    samples = {}
+    for line in response.text.splitlines():
+        if line.startswith("#"):
+            assert line.split()[1] in ("HELP", "TYPE")
+            continue
+        name, value = line.rsplit(" ", 1)
+        samples[name] = float(value)
+    for name in ("cacheaug_queue_depth", "cacheaug_active_rows", "cacheaug_tokens_per_second",
+                 "cacheaug_generated_tokens_total"):
+        assert name in samples
+    assert samples['cacheaug_requests_total{outcome="completed"}'] >= 1
+    assert samples['cacheaug_errors_total{status="400"}'] >= 1 and samples["cacheaug_generated_tokens_total"] >= 12
+
+
+def test_a_full_queue_answers_503_and_a_disconnect_frees_the_row(model):
+    import httpx
+
+    from cacheaug.serving.loadtest import BackgroundServer
+
+    lm, tokenizer = model
+    app = create_app(lm, tokenizer, max_batch=1, max_queue=0)
+    scheduler = app.state.cacheaug.scheduler
+    long = {"prompt": "A long story", "max_tokens": 1500, "temperature": 0, "augment": "off", "stream": True}
+    with BackgroundServer(app) as server, httpx.Client(base_url=server.url, timeout=30) as http:
+        with http.stream("POST", "/v1/completions", json=long) as stream:
+            assert stream.status_code == 200
+            next(stream.iter_lines())  # decoding: the only row is taken
+            busy = http.post("/v1/completions", json={"prompt": "me too", "max_tokens": 2})
+            assert busy.status_code == 503 and busy.headers["retry-after"] == "1"
+            assert "busy" in busy.json()["error"]["message"]
+        deadline = time.monotonic() + 10  # the client has gone: its row must be freed, not decoded to the end
+        while scheduler.active_rows and time.monotonic() < deadline:
+            time.sleep(0.01)
+        assert scheduler.active_rows == 0 and scheduler.counters["cancelled"] == 1
+        assert scheduler.counters["tokens"] < 1000
+        assert http.post("/v1/completions", json={"prompt": "me too", "max_tokens": 2}).status_code == 200
+
+
+def test_a_banked_prefix_gives_the_completion_computed_afresh(model, tmp_path):
+    import torch
+
+    from cacheaug.serving.bank import CacheBank
+    from cacheaug.stream import generate_text
+
+    lm, tokenizer = model
+    context = "A long shared document that many questions are asked about. " * 3
+    bank = CacheBank(tmp_path / "bank", lm, tokenizer)
+    bank.add_text(context)
+    context_ids = tokenizer(context).input_ids
+    with TestClient(create_app(lm, tokenizer, bank=CacheBank(tmp_path / "bank", lm, tokenizer))) as client:
+        for question, augment in (("Q: what is it about?", "sync"), ("Q: and then?", "async"), ("", "sync")):
+            reply = _complete(client, prompt=context + question, max_tokens=10, augment=augment)
+            rest = tokenizer(context + question).input_ids[len(context_ids):]
+            with torch.no_grad():
+                fresh = lm.augment(torch.tensor([context_ids]))  # the banked context computed afresh
+            mode = augment if rest else "off"  # a prompt that is the context decodes from its latents
+            delay = reply["augmentation"]["insertions"][-1] if augment == "async" else None
+            expected = generate_text(lm, torch.tensor([rest], dtype=torch.long), 10, augment=mode, context=fresh,
+                                     tokenizer=tokenizer, eos_token_id=tokenizer.eos_token_id,
+                                     async_delay_tokens=delay)
+            assert reply["choices"][0]["text"] == expected.text
+            bank_use = reply["augmentation"]["bank"]
+            assert bank_use["prefix_tokens"] == len(context_ids) and bank_use["status"].startswith("hit")
+            assert reply["usage"]["prompt_tokens"] == len(context_ids) + len(rest)
+        unbanked = _complete(client, prompt="Something else entirely", max_tokens=4)
+        assert unbanked["augmentation"]["bank"] is None
+        off = _complete(client, prompt=context + "Q: plain?", max_tokens=4, augment="off")
+        assert off["augmentation"]["bank"] is None  # the bank holds augmented contexts: not for "off"
+        assert client.get("/metrics").text.count("cacheaug_bank_hits_total 3") == 1
+
+
+def test_binding_beyond_loopback_without_a_key_warns(model, monkeypatch, capsys):
+    import uvicorn
+
+    from cacheaug.serving import server
+
+    lm, tokenizer = model
+    monkeypatch.setattr(uvicorn, "run", lambda app, **options: None)
+    server.serve(lm, tokenizer, host="0.0.0.0")
+    assert "without an API key" in capsys.readouterr().err
+    for host, options in (("0.0.0.0", {"api_key": "k"}), ("127.0.0.1", {}), ("localhost", {}), ("::1", {})):
+        server.serve(lm, tokenizer, host=host, **options)
+        assert "API key" not in capsys.readouterr().err

@@ -1,34 +1,47 @@
 """An OpenAI-compatible HTTP server for augmented generation (FastAPI): completions, chat, SSE streaming.
 
-Each request decodes its own cache; the base's and the coprocessor's forward passes are each serialised by
-a lock, so requests interleave token by token without touching each other's state, and an async
-coprocessor still overlaps the base's decoding. Requests are validated strictly (unknown fields, wrong
-types, lengths past the model's context) and answered 4xx with an OpenAI-shaped ``{"error": {...}}``.
-The load-test client lives in loadtest.py; the cache bank (bank.py) is an offline tool the server does not read.
+Requests are decoded by one continuous-batching loop (scheduler.py): every active request advances one token
+per batched forward, new ones join between steps, and a client that disconnects frees its row at the next
+step. Requests are validated strictly (unknown fields, wrong types, lengths past the model's context) and
+answered 4xx with an OpenAI-shaped ``{"error": {...}}``; a full queue answers 503 with ``Retry-After``.
+``--bank DIR`` continues prompts that begin with a banked context from its stored augmented cache. With an API
+key, every endpoint but ``/health`` needs ``Authorization: Bearer <key>`` (compared in constant time), as
+vLLM's server does. ``/metrics`` is in the Prometheus text format. The load-test client lives in loadtest.py.
 """
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
+import hashlib
+import hmac
+import ipaddress
 import json
+import logging
 import secrets
-import threading
+import sys
 import time
 import uuid
 from dataclasses import dataclass, field
-from typing import Literal
+from typing import Annotated, Literal
 
-import torch
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
-from fastapi.responses import JSONResponse, StreamingResponse
+from fastapi.responses import JSONResponse, PlainTextResponse, StreamingResponse
+from starlette.exceptions import HTTPException
 from pydantic import BaseModel, ConfigDict, Field
 
 from ..errors import CacheaugError
-from ..stream import FinishEvent, Generation, TokenEvent
+from ..stream import FinishEvent, TokenEvent
+from .scheduler import ErrorEvent, QueueFull, Sampling, Scheduler, Ticket
 
-__all__ = ["ChatCompletionRequest", "CompletionRequest", "RequestError", "create_app", "serve"]
+__all__ = ["API_KEY_ENV", "ChatCompletionRequest", "CompletionRequest", "RequestError", "create_app", "serve"]
 
 DEFAULT_COMPLETION_TOKENS = 16  # OpenAI's default for /v1/completions
+API_KEY_ENV = "CACHEAUG_API_KEY"
+RETRY_AFTER_S = 1
+
+log = logging.getLogger(__name__)
 
 
 class _Strict(BaseModel):
@@ -38,10 +51,10 @@ class _Strict(BaseModel):
 class _SamplingFields(_Strict):
     model: str | None = None
     max_tokens: int | None = None  # None: 16 for completions, the rest of the context for chat
-    temperature: float = Field(1.0, ge=0.0)  # 0 = greedy
+    temperature: float = Field(1.0, ge=0.0, le=2.0)  # 0 = greedy; OpenAI's range
     top_p: float = Field(1.0, gt=0.0, le=1.0)
     seed: int | None = Field(None, ge=0, lt=2**63)
-    stop: str | list[str] | None = Field(None, max_length=4)
+    stop: str | Annotated[list[str], Field(max_length=4)] | None = None  # up to 4 stop strings, as OpenAI
     stream: bool = False
     n: int = Field(1, ge=1, le=1)  # one choice per request
     user: str | None = None
@@ -65,13 +78,21 @@ class ChatCompletionRequest(_SamplingFields):
 class RequestError(CacheaugError):
     """A request the server refuses; answered with ``status`` and an OpenAI-shaped error body."""
 
-    def __init__(self, status: int, message: str, param: str | None = None):
+    def __init__(self, status: int, message: str, param: str | None = None, headers: dict | None = None):
         super().__init__(message)
-        self.status, self.message, self.param = status, message, param
+        self.status, self.message, self.param, self.headers = status, message, param, headers
 
 
-def _error(status: int, message: str, param: str | None = None, kind: str = "invalid_request_error") -> JSONResponse:
-    return JSONResponse({"error": {"message": message, "type": kind, "param": param, "code": None}}, status_code=status)
+_ERROR_TYPES = {401: "authentication_error", 404: "not_found_error", 499: "cancelled", 503: "overloaded_error",
+                504: "timeout_error"}
+
+
+def _error(status: int, message: str, param: str | None = None, kind: str | None = None,
+           headers: dict | None = None) -> JSONResponse:
+    kind = kind or ("server_error" if status >= 500 and status not in _ERROR_TYPES else
+                    _ERROR_TYPES.get(status, "invalid_request_error"))
+    body = {"error": {"message": message, "type": kind, "param": param, "code": None}}
+    return JSONResponse(body, status_code=status, headers=headers)
 
 
 def _validation_message(errors) -> tuple[str, str | None]:
@@ -103,14 +124,23 @@ class _Server:
     tokenizer: object
     model_name: str
     max_context: int
-    augment_timeout_s: float
-    base_lock: threading.Lock = field(default_factory=threading.Lock)
-    coprocessor_lock: threading.Lock = field(default_factory=threading.Lock)
+    scheduler: Scheduler
+    api_key_sha256: bytes | None = None
+    http_errors: dict = field(default_factory=dict)  # status -> count of error answers
 
     @property
     def num_latents(self) -> int:
         config = getattr(self.lm, "config", None)
         return getattr(config, "num_latents", 0) if getattr(self.lm, "coprocessor", None) is not None else 0
+
+    def authorized(self, header: str | None) -> bool:
+        """Whether an Authorization header carries the key (sha256 of both compared in constant time, so
+        neither the key's content nor its length leaks through timing)."""
+        if self.api_key_sha256 is None:
+            return True
+        scheme, _, token = (header or "").partition(" ")
+        given = hashlib.sha256(token.strip().encode()).digest()
+        return hmac.compare_digest(given, self.api_key_sha256) and scheme.lower() == "bearer"
 
     def check_lengths(self, num_prompt: int, request: _SamplingFields, chat: bool) -> int:
         """Raise RequestError unless prompt + latents + max_tokens fit the context; return max_tokens."""
@@ -149,25 +179,26 @@ class _Server:
             room = room * request.reaugment_every // (request.reaugment_every + self.num_latents)
         return room
 
-    def start(self, ids: torch.Tensor, request: _SamplingFields, max_tokens: int) -> Generation:
-        stop = [request.stop] if isinstance(request.stop, str) else request.stop
+    def submit(self, ids: list[int], request: _SamplingFields, max_tokens: int) -> Ticket:
+        stop = [request.stop] if isinstance(request.stop, str) else list(request.stop or [])
         sample = request.temperature > 0
         seed = request.seed if request.seed is not None else (secrets.randbits(62) if sample else None)
-        return Generation(
-            self.lm, ids.to(next(getattr(self.lm, "base", self.lm).parameters()).device), max_tokens,
-            augment=request.augment, do_sample=sample, temperature=request.temperature, top_p=request.top_p,
-            seed=seed, stop=stop, tokenizer=self.tokenizer, eos_token_id=self.tokenizer.eos_token_id,
-            reaugment_every=request.reaugment_every, augment_timeout_s=self.augment_timeout_s,
-            base_lock=self.base_lock, coprocessor_lock=self.coprocessor_lock,
-        )
+        sampling = Sampling(max_tokens, request.temperature, request.top_p, seed, stop, request.augment,
+                            request.reaugment_every)
+        try:
+            return self.scheduler.submit(ids, sampling, loop=asyncio.get_running_loop())
+        except QueueFull as error:
+            raise RequestError(503, f"the server is busy ({error}); retry later", None,
+                               {"Retry-After": str(RETRY_AFTER_S)}) from None
 
-    def augmentation(self, request: _SamplingFields, finish: FinishEvent) -> dict:
+    def augmentation(self, request: _SamplingFields, finish: FinishEvent, ticket: Ticket) -> dict:
         return {
             "requested": request.augment,
             "status": finish.augmentation,
             "applied": bool(finish.insertions),
             "insertions": finish.insertions,
             "num_latents": self.num_latents,
+            "bank": ticket.bank,  # {"prefix_tokens", "status"} when the prompt began with a banked context
         }
 
 
@@ -181,9 +212,31 @@ def _openai_reason(finish: FinishEvent) -> str:
     return "length" if finish.finish_reason == "length" else "stop"  # eos and stop strings are both "stop"
 
 
-def _respond(server: _Server, ids: torch.Tensor, request: _SamplingFields, chat: bool):
-    max_tokens = server.check_lengths(ids.shape[1], request, chat)
-    generation = server.start(ids, request, max_tokens)
+def _check_text(text: str, param: str) -> None:
+    """JSON may carry lone surrogates (\\ud800), which no tokenizer can encode: refused by name."""
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError as error:
+        raise RequestError(400, f"'{param}' is not valid Unicode ({error.reason} at character {error.start})", param) from None
+
+
+async def _watch_disconnect(request: Request, ticket: Ticket) -> None:
+    """Cancel ``ticket`` (its row leaves at the next step) once the client has gone."""
+    while not ticket.done.is_set():
+        if await request.is_disconnected():
+            ticket.cancel()
+            return
+        await asyncio.sleep(0.1)
+
+
+def _error_event(server: _Server, event: ErrorEvent) -> JSONResponse:
+    server.http_errors[event.status] = server.http_errors.get(event.status, 0) + 1
+    return _error(event.status, event.message)
+
+
+async def _respond(server: _Server, http: Request, ids: list[int], request: _SamplingFields, chat: bool):
+    max_tokens = server.check_lengths(len(ids), request, chat)
+    ticket = server.submit(ids, request, max_tokens)
     head = {
         "id": f"{'chatcmpl' if chat else 'cmpl'}-{uuid.uuid4().hex[:24]}",
         "object": "chat.completion" if chat else "text_completion",
@@ -191,21 +244,30 @@ def _respond(server: _Server, ids: torch.Tensor, request: _SamplingFields, chat:
         "model": request.model or server.model_name,
     }
     if request.stream:
-        return StreamingResponse(_sse(server, generation, request, head, chat), media_type="text/event-stream")
+        return StreamingResponse(_sse(server, ticket, request, head, chat), media_type="text/event-stream")
+    watcher = asyncio.create_task(_watch_disconnect(http, ticket))
     pieces = []
-    for event in generation:
-        pieces.append(event.text)
+    try:
+        async for event in ticket.aevents():
+            if isinstance(event, ErrorEvent):
+                return _error_event(server, event)
+            pieces.append(event.text)
+    finally:
+        watcher.cancel()
+        ticket.cancel()  # a no-op once finished; frees the row if this handler was cancelled
     finish, text = event, "".join(pieces)
     if chat:
         message = {"role": "assistant", "content": text}
         choice = {"index": 0, "message": message, "finish_reason": _openai_reason(finish)}
     else:
         choice = {"index": 0, "text": text, "logprobs": None, "finish_reason": _openai_reason(finish)}
-    return {**head, "choices": [choice], "usage": _usage(finish), "augmentation": server.augmentation(request, finish)}
+    return {**head, "choices": [choice], "usage": _usage(finish),
+            "augmentation": server.augmentation(request, finish, ticket)}
 
 
-def _sse(server: _Server, generation: Generation, request: _SamplingFields, head: dict, chat: bool):
-    """``data: {chunk}\\n\\n`` per text piece, a last chunk with finish_reason, usage and augmentation, then [DONE]."""
+async def _sse(server: _Server, ticket: Ticket, request: _SamplingFields, head: dict, chat: bool):
+    """``data: {chunk}\\n\\n`` per text piece, a last chunk with finish_reason, usage and augmentation, then [DONE].
+    A client that goes away closes this generator, which cancels the request."""
     head = {**head, "object": "chat.completion.chunk" if chat else "text_completion"}
 
     def chunk(text: str | None, reason: str | None = None, first: bool = False, **extra) -> str:
@@ -219,71 +281,166 @@ def _sse(server: _Server, generation: Generation, request: _SamplingFields, head
     try:
         if chat:
             yield chunk("", first=True)
-        for event in generation:
+        async for event in ticket.aevents():
             if isinstance(event, TokenEvent):
                 if event.text:
                     yield chunk(event.text)
+            elif isinstance(event, ErrorEvent):  # the status line is sent already: report in-band
+                server.http_errors[event.status] = server.http_errors.get(event.status, 0) + 1
+                kind = "timeout_error" if event.status == 504 else "server_error"
+                yield f"data: {json.dumps({'error': {'message': event.message, 'type': kind}})}\n\n"
             else:
                 yield chunk(event.text, _openai_reason(event), usage=_usage(event),
-                            augmentation=server.augmentation(request, event))
-    except Exception as error:  # the status line is sent already: report in-band
-        problem = {"message": f"{type(error).__name__}: {error}", "type": "server_error"}
-        yield f"data: {json.dumps({'error': problem})}\n\n"
-    yield "data: [DONE]\n\n"
+                            augmentation=server.augmentation(request, event, ticket))
+        yield "data: [DONE]\n\n"
+    finally:
+        ticket.cancel()
 
 
-def create_app(lm, tokenizer, model_name: str | None = None, augment_timeout_s: float = 30.0) -> FastAPI:
-    """The FastAPI app serving ``lm`` (an AugmentedLM) with ``tokenizer``."""
+def _metrics(server: _Server) -> str:
+    """The Prometheus text exposition format (version 0.0.4)."""
+    scheduler = server.scheduler
+    counts = scheduler.counters
+    lines = []
+
+    def metric(name: str, kind: str, text: str, samples: list[tuple[str, float]]) -> None:
+        lines.extend([f"# HELP cacheaug_{name} {text}", f"# TYPE cacheaug_{name} {kind}"])
+        lines.extend(f"cacheaug_{name}{labels} {value:g}" for labels, value in samples)
+
+    metric("queue_depth", "gauge", "Requests waiting for a row.", [("", scheduler.queue_depth)])
+    metric("active_rows", "gauge", "Requests being decoded.", [("", scheduler.active_rows)])
+    metric("max_batch", "gauge", "Rows decoded at once at most.", [("", scheduler.max_batch)])
+    metric("tokens_per_second", "gauge", "Generated tokens per second over the last 10 s.",
+           [("", scheduler.tokens_per_s())])
+    metric("generated_tokens_total", "counter", "Tokens generated.", [("", counts["tokens"])])
+    metric("decode_steps_total", "counter", "Batched decode steps.", [("", counts["steps"])])
+    outcomes = ("completed", "cancelled", "failed", "timed_out", "rejected")
+    metric("requests_total", "counter", "Requests by outcome.", [(f'{{outcome="{o}"}}', counts[o]) for o in outcomes])
+    metric("bank_hits_total", "counter", "Requests continued from a banked context.", [("", counts["bank_hits"])])
+    errors = sorted(server.http_errors.items())
+    metric("errors_total", "counter", "Error answers by HTTP status.",
+           [(f'{{status="{status}"}}', count) for status, count in errors] or [('{status="500"}', 0)])
+    return "\n".join(lines) + "\n"
+
+
+def create_app(
+    lm,
+    tokenizer,
+    model_name: str | None = None,
+    augment_timeout_s: float = 30.0,
+    *,
+    max_batch: int = 32,
+    max_queue: int = 64,
+    max_prefill_tokens: int = 1024,
+    request_timeout_s: float | None = 600.0,
+    bank=None,
+    api_key: str | None = None,
+) -> FastAPI:
+    """The FastAPI app serving ``lm`` (an AugmentedLM) with ``tokenizer``; its decode loop starts now and stops
+    with the app (lifespan). ``bank``: a CacheBank whose contexts prompts may continue; ``api_key``: required as
+    a Bearer token on every endpoint but /health."""
     base = getattr(lm, "base", lm)
     text_config = base.config.get_text_config()
     if model_name is None:
         model_name = getattr(getattr(lm, "config", None), "base_model", None) or str(base.config.name_or_path)
-    server = _Server(lm, tokenizer, model_name, int(text_config.max_position_embeddings), augment_timeout_s)
-    app = FastAPI(title="cacheaug", description="Augmented generation (arXiv 2412.17747), OpenAI-compatible.")
+    scheduler = Scheduler(lm, tokenizer, max_batch=max_batch, max_queue=max_queue,
+                          max_prefill_tokens=max_prefill_tokens, augment_timeout_s=augment_timeout_s,
+                          request_timeout_s=request_timeout_s, bank=bank)
+    key = hashlib.sha256(api_key.encode()).digest() if api_key else None
+    server = _Server(lm, tokenizer, model_name, int(text_config.max_position_embeddings), scheduler, key)
+
+    @contextlib.asynccontextmanager
+    async def lifespan(_: FastAPI):
+        yield
+        scheduler.close()
+
+    app = FastAPI(title="cacheaug", description="Augmented generation (arXiv 2412.17747), OpenAI-compatible.",
+                  lifespan=lifespan)
     app.state.cacheaug = server
+
+    def refuse(status: int, message: str, param: str | None = None, headers: dict | None = None) -> JSONResponse:
+        server.http_errors[status] = server.http_errors.get(status, 0) + 1
+        return _error(status, message, param, headers=headers)
+
+    @app.middleware("http")
+    async def _authenticate(request: Request, call_next):
+        if request.url.path != "/health" and not server.authorized(request.headers.get("authorization")):
+            return refuse(401, "a valid API key is required: Authorization: Bearer <key>",
+                          headers={"WWW-Authenticate": "Bearer"})
+        return await call_next(request)
 
     @app.exception_handler(RequestValidationError)
     async def _invalid(_: Request, error: RequestValidationError):
         message, param = _validation_message(error.errors())
-        return _error(400, message, param)
+        return refuse(400, message, param)
 
     @app.exception_handler(RequestError)
     async def _refused(_: Request, error: RequestError):
-        return _error(error.status, error.message, error.param)
+        return refuse(error.status, error.message, error.param, error.headers)
+
+    @app.exception_handler(HTTPException)
+    async def _http(request: Request, error: HTTPException):  # FastAPI's own: an unparsable body, no route, ...
+        messages = {404: f"no such endpoint: {request.method} {request.url.path}",
+                    405: f"{request.method} is not allowed on {request.url.path}"}
+        detail = error.detail if isinstance(error.detail, str) else json.dumps(error.detail)
+        if error.status_code == 400 and "parsing the body" in detail:
+            detail = "the body could not be parsed (not UTF-8, too deeply nested, or a number too long)"
+        return refuse(error.status_code, messages.get(error.status_code, detail), headers=getattr(error, "headers", None))
 
     @app.exception_handler(Exception)
     async def _failed(_: Request, error: Exception):
-        return _error(500, f"{type(error).__name__}: {error}", kind="server_error")
+        return refuse(500, f"{type(error).__name__}: {error}")
 
     @app.get("/health")
     def health():
         return {"status": "ok", "model": server.model_name, "coprocessor": server.num_latents > 0,
                 "num_latents": server.num_latents, "max_context": server.max_context,
-                "chat": bool(getattr(tokenizer, "chat_template", None))}
+                "chat": bool(getattr(tokenizer, "chat_template", None)), "batching": scheduler.batching,
+                "active_rows": scheduler.active_rows, "queue_depth": scheduler.queue_depth,
+                "bank": bank is not None}
+
+    @app.get("/metrics")
+    def metrics():
+        return PlainTextResponse(_metrics(server), media_type="text/plain; version=0.0.4")
 
     @app.get("/v1/models")
     def models():
         return {"object": "list", "data": [{"id": server.model_name, "object": "model", "owned_by": "cacheaug"}]}
 
     @app.post("/v1/completions")
-    def completions(request: CompletionRequest):
-        ids = tokenizer(request.prompt, return_tensors="pt").input_ids
-        return _respond(server, ids, request, chat=False)
+    async def completions(request: CompletionRequest, http: Request):
+        _check_text(request.prompt, "prompt")
+        ids = tokenizer(request.prompt).input_ids
+        return await _respond(server, http, ids, request, chat=False)
 
     @app.post("/v1/chat/completions")
-    def chat_completions(request: ChatCompletionRequest):
+    async def chat_completions(request: ChatCompletionRequest, http: Request):
         if not getattr(tokenizer, "chat_template", None):
             raise RequestError(404, "this model's tokenizer has no chat template; use /v1/completions", "messages")
         messages = [message.model_dump() for message in request.messages]
+        for index, message in enumerate(messages):
+            _check_text(message["content"], f"messages.{index}.content")
         text = tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
-        ids = tokenizer(text, return_tensors="pt", add_special_tokens=False).input_ids
-        return _respond(server, ids, request, chat=True)
+        ids = tokenizer(text, add_special_tokens=False).input_ids
+        return await _respond(server, http, ids, request, chat=True)
 
     return app
+
+
+def is_loopback(host: str) -> bool:
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:  # a host name: only "localhost" is known to stay on this machine
+        return False
 
 
 def serve(lm, tokenizer, host: str = "127.0.0.1", port: int = 8000, **options) -> None:
     """Serve ``create_app(lm, tokenizer, **options)`` with uvicorn until interrupted."""
     import uvicorn
 
+    if not options.get("api_key") and not is_loopback(host):
+        print(f"warning: serving on {host} without an API key: anyone who can reach this port can use the model "
+              f"(set --api-key or ${API_KEY_ENV})", file=sys.stderr)
     uvicorn.run(create_app(lm, tokenizer, **options), host=host, port=port, log_level="info")
