@@ -312,3 +312,23 @@ def test_binding_beyond_loopback_without_a_key_warns(model, monkeypatch, capsys)
     for host, options in (("0.0.0.0", {"api_key": "k"}), ("127.0.0.1", {}), ("localhost", {}), ("::1", {})):
         server.serve(lm, tokenizer, host=host, **options)
         assert "API key" not in capsys.readouterr().err
+
+
+def test_a_client_that_gives_up_on_a_plain_request_frees_its_row(model):
+    import httpx
+
+    from cacheaug.serving.loadtest import BackgroundServer
+
+    lm, tokenizer = model
+    app = create_app(lm, tokenizer)
+    scheduler = app.state.cacheaug.scheduler
+    scheduler.eos_token_id = None  # no early end: the request outlasts the client's patience
+    long = {"prompt": "A long answer", "max_tokens": 1800, "temperature": 0, "augment": "off"}
+    with BackgroundServer(app) as server:
+        with pytest.raises(httpx.ReadTimeout), httpx.Client(base_url=server.url, timeout=0.3) as http:
+            http.post("/v1/completions", json=long)  # no stream: the client waits, then hangs up
+        deadline = time.monotonic() + 10
+        while (scheduler.active_rows or not scheduler.counters["cancelled"]) and time.monotonic() < deadline:
+            time.sleep(0.01)
+        assert scheduler.active_rows == 0 and scheduler.counters["cancelled"] == 1
+        assert scheduler.counters["tokens"] < 1800

@@ -297,6 +297,24 @@ async def _sse(server: _Server, ticket: Ticket, request: _SamplingFields, head: 
         ticket.cancel()
 
 
+class _BearerAuth:
+    """Every HTTP endpoint but /health needs the API key, checked before the body is read. A plain ASGI
+    middleware: Starlette's BaseHTTPMiddleware would hide a client's disconnect from the endpoints."""
+
+    def __init__(self, app, server: _Server, refuse):
+        self.app, self.server, self.refuse = app, server, refuse
+
+    async def __call__(self, scope, receive, send):
+        if scope["type"] == "http" and scope["path"] != "/health":
+            header = dict(scope["headers"]).get(b"authorization", b"").decode("latin-1")
+            if not self.server.authorized(header):
+                response = self.refuse(401, "a valid API key is required: Authorization: Bearer <key>",
+                                       headers={"WWW-Authenticate": "Bearer"})
+                await response(scope, receive, send)
+                return
+        await self.app(scope, receive, send)
+
+
 def _metrics(server: _Server) -> str:
     """The Prometheus text exposition format (version 0.0.4)."""
     scheduler = server.scheduler
@@ -362,12 +380,7 @@ def create_app(
         server.http_errors[status] = server.http_errors.get(status, 0) + 1
         return _error(status, message, param, headers=headers)
 
-    @app.middleware("http")
-    async def _authenticate(request: Request, call_next):
-        if request.url.path != "/health" and not server.authorized(request.headers.get("authorization")):
-            return refuse(401, "a valid API key is required: Authorization: Bearer <key>",
-                          headers={"WWW-Authenticate": "Bearer"})
-        return await call_next(request)
+    app.add_middleware(_BearerAuth, server=server, refuse=refuse)
 
     @app.exception_handler(RequestValidationError)
     async def _invalid(_: Request, error: RequestValidationError):
