@@ -8,7 +8,7 @@ Decoding is greedy with no eos, so every mode decodes exactly its budget. "added
 its first *answer* token over plain decoding: for sync/async augmentation, TTFT - plain TTFT; for CoT, the
 time to token N_L+1 (after N_L "thinking" tokens) - plain TTFT.
 
-The load test starts the server (its continuous-batching scheduler) in this process on 127.0.0.1 (a free
+The load test starts `cacheaug serve` (its continuous-batching scheduler) in its own process on 127.0.0.1 (a free
 port) and, for each augment mode and concurrency level, streams a fixed number of completions from that many
 closed-loop clients: aggregate generated tokens/s, time to first token and per-token latency (p50/p95),
 errors, and the server's resident memory. Then a soak of --soak-requests short requests checks that memory
@@ -21,9 +21,11 @@ from __future__ import annotations
 import argparse
 import json
 import platform
+import socket
 import statistics
 import subprocess
 import sys
+import tempfile
 import time
 from pathlib import Path
 
@@ -33,9 +35,7 @@ from cacheaug import AugmentedLM, CoprocessorConfig, load_base
 from cacheaug import cache as kv
 from cacheaug import load_checkpoint
 from cacheaug.data.arithmetic import arithmetic_problems
-from cacheaug.serving.bank import CacheBank
-from cacheaug.serving.loadtest import BackgroundServer, resident_memory_bytes, run_stream_load_test
-from cacheaug.serving.server import create_app
+from cacheaug.serving.loadtest import resident_memory_bytes, run_stream_load_test
 from cacheaug.state import copy_state, feed_token, insert_latents, latents_for, prefill
 from cacheaug.stream import TokenEvent, stream
 
@@ -136,11 +136,49 @@ def load_prompts(tokenizer, num_tokens: int, count: int = 64) -> list[str]:
     return [tokenizer.decode(ids[offset : offset + num_tokens]) for offset in range(0, num_tokens * count // 2, num_tokens // 2)]
 
 
-def bench_load(lm, tokenizer, args) -> dict:
+class ServerProcess:
+    """`cacheaug serve --ckpt DIR` in its own process on a free loopback port (its memory and its GIL its own:
+    the load clients run in this process); a context manager."""
+
+    def __init__(self, ckpt: str, *options: str):
+        self.ckpt, self.options = ckpt, options
+
+    def __enter__(self) -> "ServerProcess":
+        import httpx
+
+        with socket.socket() as sock:
+            sock.bind(("127.0.0.1", 0))
+            port = sock.getsockname()[1]
+        self.url = f"http://127.0.0.1:{port}"
+        command = [sys.executable, "-m", "cacheaug.cli", "serve", "--ckpt", self.ckpt, "--port", str(port), *self.options]
+        self.process = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+        deadline = time.monotonic() + 300
+        while True:
+            if self.process.poll() is not None:
+                raise RuntimeError(f"the server exited: {self.process.stderr.read()[-2000:]}")
+            try:
+                if httpx.get(f"{self.url}/health", timeout=1).status_code == 200:
+                    return self
+            except httpx.HTTPError:
+                pass
+            if time.monotonic() > deadline:
+                raise RuntimeError("the server did not start within 300 s")
+            time.sleep(0.5)
+
+    def rss(self) -> int:
+        return resident_memory_bytes(self.process.pid)
+
+    def __exit__(self, *exc) -> None:
+        self.process.terminate()
+        self.process.wait(timeout=60)
+
+
+def bench_load(ckpt: str, tokenizer, args) -> dict:
     prompts = load_prompts(tokenizer, args.load_prompt_tokens)
-    levels, app = [], create_app(lm, tokenizer, max_batch=max(args.concurrency), max_queue=4 * max(args.concurrency))
-    memory = {"before_load_bytes": resident_memory_bytes()}
-    with BackgroundServer(app) as server:
+    levels, memory = [], {}
+    size = ["--max-batch", str(max(args.concurrency)), "--max-queue", str(4 * max(args.concurrency))]
+    with ServerProcess(ckpt, *size) as server:
+        memory["before_load_bytes"] = server.rss()
         for augment in args.load_augment:
             for concurrency, requests in zip(args.concurrency, args.requests):
                 payloads = [{"prompt": prompts[i % len(prompts)], "max_tokens": args.load_max_tokens, "temperature": 0,
@@ -151,15 +189,15 @@ def bench_load(lm, tokenizer, args) -> dict:
                 print(f"  {augment:5s} concurrency {concurrency:2d}: {requests} requests, {result['tokens_per_s']:.1f} tok/s, "
                       f"TTFT p50 {result['ttft_p50_s']:.2f} s p95 {result['ttft_p95_s']:.2f} s, "
                       f"{result['errors']} errors", flush=True)
-        memory["after_levels_bytes"] = resident_memory_bytes()
+        memory["after_levels_bytes"] = server.rss()
         soak = None
         if args.soak_requests:
             payloads = [{"prompt": prompts[i % len(prompts)], "max_tokens": 16, "temperature": 0, "augment": "sync"}
                         for i in range(args.soak_requests)]
             first = run_stream_load_test(server.url, payloads[:50], args.soak_concurrency)
-            after_50 = resident_memory_bytes()
+            after_50 = server.rss()
             rest = run_stream_load_test(server.url, payloads[50:], args.soak_concurrency)
-            after_all = resident_memory_bytes()
+            after_all = server.rss()
             soak = {"requests": args.soak_requests, "concurrency": args.soak_concurrency, "max_tokens": 16,
                     "errors": first.errors + rest.errors, "rss_after_50_bytes": after_50,
                     "rss_after_all_bytes": after_all, "rss_growth": after_all / after_50 - 1,
@@ -167,24 +205,25 @@ def bench_load(lm, tokenizer, args) -> dict:
             print(f"  soak: {args.soak_requests} requests, RSS {after_50 / 2**20:.0f} MiB after 50 -> "
                   f"{after_all / 2**20:.0f} MiB after all ({100 * soak['rss_growth']:+.1f}%), {soak['errors']} errors",
                   flush=True)
-    return {"levels": levels, "memory": memory, "soak": soak, "bank": bench_bank(lm, tokenizer, args, prompts)}
+    return {"levels": levels, "memory": memory, "soak": soak, "bank": bench_bank(ckpt, tokenizer, args)}
 
 
-def bench_bank(lm, tokenizer, args, prompts: list[str]) -> dict | None:
+def bench_bank(ckpt: str, tokenizer, args) -> dict | None:
     """TTFT of questions about one long banked context, from the bank vs computed afresh (sync augmentation)."""
     if not args.bank_context_tokens:
         return None
-    import tempfile
-
     context = tokenizer.decode(corpus_ids(tokenizer, args.bank_context_tokens, seed=2)[0])
     questions = [f"\nQuestion {i}: what is the answer to problem {i}?\nAnswer:" for i in range(8)]
     payloads = [{"prompt": context + q, "max_tokens": 8, "temperature": 0, "augment": "sync"} for q in questions]
     results = {}
     with tempfile.TemporaryDirectory() as root:
-        bank = CacheBank(root, lm, tokenizer)
-        bank.add_text(context)
-        for name, use in (("fresh", None), ("banked", bank)):
-            with BackgroundServer(create_app(lm, tokenizer, bank=use)) as server:
+        Path(root, "context.txt").write_text(context)
+        added = subprocess.run([sys.executable, "-m", "cacheaug.cli", "bank", "add", "--ckpt", ckpt, "--root", root,
+                                str(Path(root, "context.txt"))], capture_output=True, text=True)
+        if added.returncode:
+            raise RuntimeError(f"cacheaug bank add failed: {added.stderr[-2000:]}")
+        for name, options in (("fresh", ()), ("banked", ("--bank", root))):
+            with ServerProcess(ckpt, *options) as server:
                 run_stream_load_test(server.url, payloads[:1], concurrency=1)  # warm-up
                 results[name] = run_stream_load_test(server.url, payloads, concurrency=1).to_dict()
     results["context_tokens"] = args.bank_context_tokens
@@ -286,7 +325,13 @@ def main() -> None:
     print(f"{lm.config.base_model}: N_L={lm.config.num_latents}, prompt {args.prompt_tokens} tokens, "
           f"{torch.get_num_threads()} torch threads", flush=True)
     decoding = bench_decoding(lm, tokenizer, args)
-    load = None if args.skip_load else bench_load(lm, tokenizer, args)
+    load = None
+    if not args.skip_load:
+        with tempfile.TemporaryDirectory() as folder:  # the server process loads the same coprocessor from here
+            ckpt = args.ckpt or str(Path(folder) / "fresh")
+            if not args.ckpt:
+                lm.save_pretrained(ckpt)
+            load = bench_load(ckpt, tokenizer, args)
     text = report(decoding, load, lm.config.num_latents)
     print(text)
     if args.json:
