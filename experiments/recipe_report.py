@@ -43,6 +43,9 @@ def describe(run: dict) -> str:
         f"{coprocessor.get('soft_token_init', 'random')} init",
         f"lr {train.get('lr')}" + (f", interface {train['interface_lr']}" if train.get("interface_lr") else ""),
     ]
+    if train.get("kl_to_base"):
+        parts.append(f"KL to the base {train['kl_to_base']}" + (
+            f" annealed to 0 over {train['kl_anneal_steps']} steps" if train.get("kl_anneal_steps") else ""))
     return ", ".join(parts)
 
 
@@ -193,7 +196,9 @@ def main() -> None:
         lines.append(f"- **{run['label']}**: {describe(run)}")
     for dataset in DATASETS:
         lines += ["", f"## {dataset}: perplexity change vs the plain base, [95% bootstrap interval]", "", table(runs, dataset)]
-        lines += ["", head_to_head(runs, dataset, "recipe16", "pause16")]
+        for name in ("recipe16", "recipe16-kl"):
+            if any(run["name"] == name for run in runs):
+                lines += ["", head_to_head(runs, dataset, name, "pause16")]
         plot_change(runs, dataset, args.results / f"change-{dataset}.png")
     plot_curves(runs, args.results / "curves.png")
     (args.results / "report.md").write_text("\n".join(lines) + "\n")

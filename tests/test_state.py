@@ -104,3 +104,13 @@ def test_stacking_refuses_sliding_windows_and_pending_latents():
     states[0].pending = torch.zeros(1, 4, 8)
     with pytest.raises(Exception, match="pending"):
         stack_states(states)
+
+
+def test_hidden_slots_go_only_past_the_threshold():
+    from cacheaug.state import drop_hidden_slots, prefill, select_rows, stack_states
+
+    lm = _lm("llama")
+    together = stack_states([prefill(lm.base, _prompt(1, n, seed=n)) for n in (4, 12)])
+    short = select_rows(together, torch.tensor([0]))  # 8 of its 12 slots are padding
+    assert kv.cache_length(drop_hidden_slots(short, at_least=0.9).cache) == 12
+    assert kv.cache_length(drop_hidden_slots(short, at_least=0.5).cache) == 4

@@ -334,13 +334,16 @@ def stack_states(states: list[DecodeState]) -> DecodeState:
     )
 
 
-def drop_hidden_slots(state: DecodeState) -> DecodeState:
+def drop_hidden_slots(state: DecodeState, at_least: float = 0.0) -> DecodeState:
     """``state`` without the slots that no row sees (padding left behind by rows that have gone, tokens read
-    again after latents): the same attention for every row, a shorter cache. Full-attention caches only."""
+    again after latents): the same attention for every row, a shorter cache. Full-attention caches only.
+    ``at_least``: leave the state as it is unless that fraction of its slots would go (the copy costs a pass
+    over the whole cache, so a server compacts in bulk)."""
     if state.slot_mask is None:
         return state
     seen = state.slot_mask.bool().any(dim=0)  # (S,)
-    if bool(seen.all()):
+    hidden = int((~seen).sum())
+    if hidden == 0 or hidden < at_least * seen.numel():
         return state
     slots = seen.nonzero()[:, 0]
     new = copy_state(state)

@@ -146,7 +146,8 @@ def test_a_request_past_its_timeout_ends_with_504():
     try:
         events = list(scheduler.submit([5, 6, 7], Sampling(100_000, augment="off")).events(timeout=60))
         assert isinstance(events[-1], ErrorEvent) and events[-1].status == 504
-        assert "longer than 0.3 s" in events[-1].message and scheduler.active_rows == 0
+        assert "longer than 0.3 s" in events[-1].message
+        _wait(lambda: scheduler.active_rows == 0)  # answered first, dropped in the same step
         assert scheduler.counters["timed_out"] == 1
     finally:
         scheduler.close()
