@@ -52,9 +52,9 @@ echo "splits: $(ls "$SPLITS/train" | wc -l) train, $(ls "$SPLITS/validation" | w
 
 # ---------------------------------------------------------------- 2. training, one budget for all
 # name  config                      N_L  lr
-RUN_TABLE="nl4 configs/prose-smollm2.yaml 4 3e-4
-nl16 configs/prose-smollm2.yaml 16 3e-4
-nl64 configs/prose-smollm2.yaml 64 3e-4
+RUN_TABLE="nl4 configs/paper-smollm2.yaml 4 3e-4
+nl16 configs/paper-smollm2.yaml 16 3e-4
+nl64 configs/paper-smollm2.yaml 64 3e-4
 pause16 configs/pause-smollm2.yaml 16 1e-3"
 
 SAVE_EVERY=$(( STEPS / 2 > 0 ? STEPS / 2 : 1 ))

@@ -67,7 +67,8 @@ while read -r name method latents steps readout gate init lr ilr eval extra; do
             --coprocessor.soft_token_init "$init" \
             --train.max_steps "$steps" --train.lr "$lr" "${interface[@]}" --train.batch_size 1 --train.grad_accum 1 \
             --train.warmup_steps 20 --train.eval_every 50 --train.eval_batches 4 \
-            --train.save_every "$(( steps / 2 > 0 ? steps / 2 : 1 ))" --train.keep_last 2 $extra
+            --train.save_every "$(( steps / 2 > 0 ? steps / 2 : 1 ))" --train.keep_last 2 \
+            --train.kl_to_base 0 $extra  # the config's KL is off unless the row sets it
     fi
     ckpt=$RUNS/$name/step-$(printf %06d "$steps")
     mkdir -p "$OUT/$name"
