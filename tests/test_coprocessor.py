@@ -131,7 +131,7 @@ def test_pause_tokens_are_the_latents():
 
 
 def test_soft_tokens_start_at_the_embedding_scale():
-    from cacheaug.coprocessor import embedding_output_std
+    from cacheaug.models import embedding_output_std
 
     lm = _lm("gemma3")
     expected = embedding_output_std(lm.base)  # Gemma scales embeddings by sqrt(hidden)
@@ -139,7 +139,7 @@ def test_soft_tokens_start_at_the_embedding_scale():
 
 
 def test_scaled_latents_enter_at_the_embedding_scale():
-    from cacheaug.coprocessor import embedding_output_std
+    from cacheaug.models import embedding_output_std
 
     lm = _lm("llama", scale_latents=True)
     assert lm.coprocessor.latent_scale.shape == (1,) and lm.coprocessor.latent_scale.requires_grad

@@ -69,8 +69,8 @@ def test_kl_base_logits_are_the_plain_base_logits(arch, monkeypatch):
     import cacheaug.coprocessor as coprocessor
 
     seen = []
-    token_kl = coprocessor._token_kl
-    monkeypatch.setattr(coprocessor, "_token_kl", lambda logits, base_logits: seen.append(base_logits) or token_kl(logits, base_logits))
+    token_kl = coprocessor.token_kl
+    monkeypatch.setattr(coprocessor, "token_kl", lambda logits, base_logits: seen.append(base_logits) or token_kl(logits, base_logits))
     lm = perturbed_lm(arch, num_latents=3, num_ahead=4, num_points=5)
     if arch == "gemma2":
         assert lm.base.config.final_logit_softcapping is not None  # the capping is in play

@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import copy
 import os
-from dataclasses import dataclass
 from pathlib import Path
 
 import torch
@@ -23,26 +22,11 @@ from .config import CoprocessorConfig
 from .errors import require_extra
 from .flex import resolve_attention, training_attention
 from .masks import block_attention_for, group_layout, readout_layout
-from .models import decoder_layers_name, final_norm_name, head_logits, load_base
+from .models import decoder_layers_name, embedding_output_std, final_norm_name, head_logits, load_base
+from .loss import LossOutput, check_kl_weight, loss_output, token_kl
 from .state import AugmentedCache
 
 __all__ = ["AugmentedCache", "AugmentedLM", "Coprocessor", "LossOutput"]
-
-
-@dataclass
-class LossOutput:
-    loss: torch.Tensor  # scalar: mean NLL over every scored ahead token, + kl_weight * kl when kl_weight > 0
-    nll_by_offset: torch.Tensor  # (N_A,) mean NLL of the k-th token after the latents (detached)
-    num_tokens: int  # ahead tokens scored
-    kl: torch.Tensor | None = None  # scalar: mean KL(p_aug || p_base) over the scored tokens (detached); None: not computed
-
-
-def embedding_output_std(base: nn.Module, sample: int = 4096) -> float:
-    """Std of what the base's embedding layer hands its first layer (includes Gemma's sqrt(H) scale)."""
-    embeddings = base.get_input_embeddings()
-    ids = torch.arange(min(sample, embeddings.num_embeddings), device=embeddings.weight.device)
-    with torch.no_grad():
-        return embeddings(ids).float().std().item()
 
 
 class Coprocessor(nn.Module):
@@ -271,7 +255,7 @@ class AugmentedLM(nn.Module):
         index = points[:, :, None] + torch.arange(num_ahead, device=self.device)  # predicts x_{index+1}
         scored = index < length - 1
         nll = token_nll.gather(1, index.clamp(max=length - 2).flatten(1)).view_as(index)
-        return _loss_output(nll, scored)
+        return loss_output(nll, scored)
 
     def training_loss(
         self,
@@ -292,7 +276,7 @@ class AugmentedLM(nn.Module):
         ``kl_weight`` > 0 adds kl_weight * mean KL(p_aug || p_base) over the same targets, p_base being the
         frozen base's prediction of each target from the plain x_0..x_{target-1} (no latents).
         """
-        _check_kl_weight(kl_weight)
+        check_kl_weight(kl_weight)
         attention = resolve_attention(attention, self.device, training=torch.is_grad_enabled())
         num_latents, num_ahead = self.config.num_latents, num_ahead or self.config.num_ahead
         batch, length = input_ids.shape if input_ids.ndim == 2 else (0, 0)
@@ -376,13 +360,13 @@ class AugmentedLM(nn.Module):
                 before = (target_index - 1).clamp(max=length - 2).flatten(1)  # (B, P*N_A)
                 hidden = plain_hidden.gather(1, before[..., None].expand(-1, -1, plain_hidden.shape[-1]))
                 base_logits = head_logits(self.base, hidden).view_as(logits)  # (B, P, N_A, V)
-            kl = _token_kl(logits, base_logits)
-        return _loss_output(nll.view(batch, num_points, num_ahead), in_sequence, kl, kl_weight)
+            kl = token_kl(logits, base_logits)
+        return loss_output(nll.view(batch, num_points, num_ahead), in_sequence, kl, kl_weight)
 
     def reference_loss(self, input_ids: torch.Tensor, points: torch.Tensor, kl_weight: float = 0.0) -> LossOutput:
         """The same loss by its definition, point by point: prefill, augment, score the next N_A tokens; with
         ``kl_weight`` > 0, their KL to the plain base's logits from a separate plain forward over ``input_ids``."""
-        _check_kl_weight(kl_weight)
+        check_kl_weight(kl_weight)
         points = points.to(self.device)
         self._check_points(input_ids, points)
         num_ahead = self.config.num_ahead
@@ -404,9 +388,9 @@ class AugmentedLM(nn.Module):
                 where = (torch.tensor(row), torch.tensor(column), torch.arange(len(targets)))
                 nll = nll.index_put(where, token_nll)
                 if kl is not None:
-                    kl = kl.index_put(where, _token_kl(torch.cat(logits), plain_logits[row, point : point + len(targets)]))
+                    kl = kl.index_put(where, token_kl(torch.cat(logits), plain_logits[row, point : point + len(targets)]))
                 scored[row, column, : len(targets)] = True
-        return _loss_output(nll, scored, kl, kl_weight)
+        return loss_output(nll, scored, kl, kl_weight)
 
     # ------------------------------------------------------------------ persistence
     def save_pretrained(self, directory) -> None:
@@ -415,34 +399,6 @@ class AugmentedLM(nn.Module):
     @classmethod
     def from_pretrained(cls, directory, base: nn.Module | None = None) -> "AugmentedLM":
         return load_checkpoint(directory, base=base)[0]
-
-
-def _check_kl_weight(kl_weight: float) -> None:
-    if isinstance(kl_weight, bool) or not isinstance(kl_weight, (int, float)) or not 0 <= kl_weight < float("inf"):
-        raise ValueError(f"kl_weight must be a non-negative number, got {kl_weight!r}")
-
-
-def _token_kl(logits: torch.Tensor, base_logits: torch.Tensor) -> torch.Tensor:
-    """KL(p_aug || p_base) = sum_v p_aug (log p_aug - log p_base), in float32: (..., V), (..., V) -> (...)."""
-    log_aug = torch.log_softmax(logits.float(), dim=-1)
-    log_base = torch.log_softmax(base_logits.float(), dim=-1)
-    return (log_aug.exp() * (log_aug - log_base)).sum(dim=-1)
-
-
-def _loss_output(
-    nll: torch.Tensor, scored: torch.Tensor, kl: torch.Tensor | None = None, kl_weight: float = 0.0
-) -> LossOutput:
-    """nll, scored, kl: (B, P, N_A); unscored entries are ignored. The KL is averaged like the NLL."""
-    nll = nll * scored
-    count = int(scored.sum())
-    per_offset = nll.detach().sum(dim=(0, 1)) / scored.sum(dim=(0, 1)).clamp(min=1)
-    loss = nll.sum() / max(count, 1)
-    mean_kl = None
-    if kl is not None:
-        mean_kl = (kl * scored).sum() / max(count, 1)
-        loss = loss + kl_weight * mean_kl
-        mean_kl = mean_kl.detach()
-    return LossOutput(loss=loss, nll_by_offset=per_offset, num_tokens=count, kl=mean_kl)
 
 
 def load_checkpoint(directory: str | os.PathLike, dtype: str = "float32", base=None):

@@ -29,7 +29,7 @@ from .errors import ModelError
 
 __all__ = [
     "EMBEDDED_MODELS", "TINY_RANDOM", "EmbeddedModel", "base_identity", "byte_tokenizer", "cache_home", "decoder_layers_name",
-    "final_norm_name", "head_logits", "load_base",
+    "embedding_output_std", "final_norm_name", "head_logits", "load_base",
 ]
 
 # A 2-layer random Llama with a byte tokenizer, built in-process: for tests and configs/tiny.yaml.
@@ -286,6 +286,14 @@ def final_norm_name(decoder: torch.nn.Module) -> str:
         if isinstance(getattr(decoder, name, None), torch.nn.Module):
             return name
     raise NotImplementedError(f"cannot find the final norm of {type(decoder).__name__}")
+
+
+def embedding_output_std(base: torch.nn.Module, sample: int = 4096) -> float:
+    """Std of what the base's embedding layer hands its first layer (includes Gemma's sqrt(H) scale)."""
+    embeddings = base.get_input_embeddings()
+    ids = torch.arange(min(sample, embeddings.num_embeddings), device=embeddings.weight.device)
+    with torch.no_grad():
+        return embeddings(ids).float().std().item()
 
 
 # Config fields by which some causal LMs rescale their logits after the head; head_logits applies none of them.

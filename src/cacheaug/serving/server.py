@@ -23,17 +23,18 @@ import sys
 import time
 import uuid
 from dataclasses import dataclass, field
-from typing import Annotated, Literal
 
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, PlainTextResponse, StreamingResponse
 from starlette.exceptions import HTTPException
-from pydantic import BaseModel, ConfigDict, Field
 
-from ..errors import CacheaugError
 from ..stream import FinishEvent, TokenEvent
-from .scheduler import ErrorEvent, QueueFull, Sampling, Scheduler, Ticket
+from .protocol import (
+    ChatCompletionRequest, CompletionRequest, RequestError, SamplingFields, check_text, error_response, validation_message,
+)
+from .scheduler import Scheduler
+from .tickets import ErrorEvent, QueueFull, Sampling, Ticket
 
 __all__ = ["API_KEY_ENV", "ChatCompletionRequest", "CompletionRequest", "RequestError", "create_app", "serve"]
 
@@ -42,80 +43,6 @@ API_KEY_ENV = "CACHEAUG_API_KEY"
 RETRY_AFTER_S = 1
 
 log = logging.getLogger(__name__)
-
-
-class _Strict(BaseModel):
-    model_config = ConfigDict(extra="forbid", strict=True)
-
-
-class _SamplingFields(_Strict):
-    model: str | None = None
-    max_tokens: int | None = None  # None: 16 for completions, the rest of the context for chat
-    temperature: float = Field(1.0, ge=0.0, le=2.0)  # 0 = greedy; OpenAI's range
-    top_p: float = Field(1.0, gt=0.0, le=1.0)
-    seed: int | None = Field(None, ge=0, lt=2**63)
-    stop: str | Annotated[list[str], Field(max_length=4)] | None = None  # up to 4 stop strings, as OpenAI
-    stream: bool = False
-    n: int = Field(1, ge=1, le=1)  # one choice per request
-    user: str | None = None
-    augment: Literal["off", "sync", "async"] = "sync"
-    reaugment_every: int | None = Field(None, ge=1)
-
-
-class CompletionRequest(_SamplingFields):
-    prompt: str
-
-
-class ChatMessage(_Strict):
-    role: Literal["system", "user", "assistant"]
-    content: str
-
-
-class ChatCompletionRequest(_SamplingFields):
-    messages: list[ChatMessage] = Field(min_length=1)
-
-
-class RequestError(CacheaugError):
-    """A request the server refuses; answered with ``status`` and an OpenAI-shaped error body."""
-
-    def __init__(self, status: int, message: str, param: str | None = None, headers: dict | None = None):
-        super().__init__(message)
-        self.status, self.message, self.param, self.headers = status, message, param, headers
-
-
-_ERROR_TYPES = {401: "authentication_error", 404: "not_found_error", 499: "cancelled", 503: "overloaded_error",
-                504: "timeout_error"}
-
-
-def _error(status: int, message: str, param: str | None = None, kind: str | None = None,
-           headers: dict | None = None) -> JSONResponse:
-    kind = kind or ("server_error" if status >= 500 and status not in _ERROR_TYPES else
-                    _ERROR_TYPES.get(status, "invalid_request_error"))
-    body = {"error": {"message": message, "type": kind, "param": param, "code": None}}
-    return JSONResponse(body, status_code=status, headers=headers)
-
-
-def _validation_message(errors) -> tuple[str, str | None]:
-    """Pydantic/FastAPI errors -> one readable sentence and the first offending parameter."""
-    parts, params = [], []
-    for error in errors:
-        loc = [str(part) for part in error.get("loc", ()) if part != "body"]
-        if error.get("type") == "json_invalid":
-            detail = error.get("ctx", {}).get("error", error.get("msg", ""))
-            parts.append(f"invalid JSON body ({detail})")
-            continue
-        name = ".".join(loc)
-        if not name:
-            parts.append("the request body must be a JSON object (Content-Type: application/json)")
-            continue
-        params.append(name)
-        if error.get("type") == "extra_forbidden":
-            parts.append(f"unknown field '{name}'")
-        elif error.get("type") == "missing":
-            parts.append(f"'{name}' is required")
-        else:
-            parts.append(f"'{name}': {error.get('msg')}")
-    return "; ".join(parts) or "invalid request", (params[0].split(".")[0] if params else None)
 
 
 @dataclass
@@ -142,7 +69,7 @@ class _Server:
         given = hashlib.sha256(token.strip().encode()).digest()
         return hmac.compare_digest(given, self.api_key_sha256) and scheme.lower() == "bearer"
 
-    def check_lengths(self, num_prompt: int, request: _SamplingFields, chat: bool) -> int:
+    def check_lengths(self, num_prompt: int, request: SamplingFields, chat: bool) -> int:
         """Raise RequestError unless prompt + latents + max_tokens fit the context; return max_tokens."""
         if num_prompt == 0:
             raise RequestError(400, "the prompt is empty", "messages" if chat else "prompt")
@@ -170,7 +97,7 @@ class _Server:
             )
         return max_tokens
 
-    def room(self, num_prompt: int, request: _SamplingFields) -> int:
+    def room(self, num_prompt: int, request: SamplingFields) -> int:
         """The most tokens that fit after the prompt and the latents they bring (OpenAI chat's default)."""
         if request.augment == "off":
             return self.max_context - num_prompt
@@ -179,7 +106,7 @@ class _Server:
             room = room * request.reaugment_every // (request.reaugment_every + self.num_latents)
         return room
 
-    def submit(self, ids: list[int], request: _SamplingFields, max_tokens: int) -> Ticket:
+    def submit(self, ids: list[int], request: SamplingFields, max_tokens: int) -> Ticket:
         stop = [request.stop] if isinstance(request.stop, str) else list(request.stop or [])
         sample = request.temperature > 0
         seed = request.seed if request.seed is not None else (secrets.randbits(62) if sample else None)
@@ -191,7 +118,7 @@ class _Server:
             raise RequestError(503, f"the server is busy ({error}); retry later", None,
                                {"Retry-After": str(RETRY_AFTER_S)}) from None
 
-    def augmentation(self, request: _SamplingFields, finish: FinishEvent, ticket: Ticket) -> dict:
+    def augmentation(self, request: SamplingFields, finish: FinishEvent, ticket: Ticket) -> dict:
         return {
             "requested": request.augment,
             "status": finish.augmentation,
@@ -212,14 +139,6 @@ def _openai_reason(finish: FinishEvent) -> str:
     return "length" if finish.finish_reason == "length" else "stop"  # eos and stop strings are both "stop"
 
 
-def _check_text(text: str, param: str) -> None:
-    """JSON may carry lone surrogates (\\ud800), which no tokenizer can encode: refused by name."""
-    try:
-        text.encode("utf-8")
-    except UnicodeEncodeError as error:
-        raise RequestError(400, f"'{param}' is not valid Unicode ({error.reason} at character {error.start})", param) from None
-
-
 async def _watch_disconnect(request: Request, ticket: Ticket) -> None:
     """Cancel ``ticket`` (its row leaves at the next step) once the client has gone."""
     while not ticket.done.is_set():
@@ -231,10 +150,10 @@ async def _watch_disconnect(request: Request, ticket: Ticket) -> None:
 
 def _error_event(server: _Server, event: ErrorEvent) -> JSONResponse:
     server.http_errors[event.status] = server.http_errors.get(event.status, 0) + 1
-    return _error(event.status, event.message)
+    return error_response(event.status, event.message)
 
 
-async def _respond(server: _Server, http: Request, ids: list[int], request: _SamplingFields, chat: bool):
+async def _respond(server: _Server, http: Request, ids: list[int], request: SamplingFields, chat: bool):
     max_tokens = server.check_lengths(len(ids), request, chat)
     ticket = server.submit(ids, request, max_tokens)
     head = {
@@ -265,7 +184,7 @@ async def _respond(server: _Server, http: Request, ids: list[int], request: _Sam
             "augmentation": server.augmentation(request, finish, ticket)}
 
 
-async def _sse(server: _Server, ticket: Ticket, request: _SamplingFields, head: dict, chat: bool):
+async def _sse(server: _Server, ticket: Ticket, request: SamplingFields, head: dict, chat: bool):
     """``data: {chunk}\\n\\n`` per text piece, a last chunk with finish_reason, usage and augmentation, then [DONE].
     A client that goes away closes this generator, which cancels the request."""
     head = {**head, "object": "chat.completion.chunk" if chat else "text_completion"}
@@ -378,13 +297,13 @@ def create_app(
 
     def refuse(status: int, message: str, param: str | None = None, headers: dict | None = None) -> JSONResponse:
         server.http_errors[status] = server.http_errors.get(status, 0) + 1
-        return _error(status, message, param, headers=headers)
+        return error_response(status, message, param, headers=headers)
 
     app.add_middleware(_BearerAuth, server=server, refuse=refuse)
 
     @app.exception_handler(RequestValidationError)
     async def _invalid(_: Request, error: RequestValidationError):
-        message, param = _validation_message(error.errors())
+        message, param = validation_message(error.errors())
         return refuse(400, message, param)
 
     @app.exception_handler(RequestError)
@@ -422,7 +341,7 @@ def create_app(
 
     @app.post("/v1/completions")
     async def completions(request: CompletionRequest, http: Request):
-        _check_text(request.prompt, "prompt")
+        check_text(request.prompt, "prompt")
         ids = tokenizer(request.prompt).input_ids
         return await _respond(server, http, ids, request, chat=False)
 
@@ -432,7 +351,7 @@ def create_app(
             raise RequestError(404, "this model's tokenizer has no chat template; use /v1/completions", "messages")
         messages = [message.model_dump() for message in request.messages]
         for index, message in enumerate(messages):
-            _check_text(message["content"], f"messages.{index}.content")
+            check_text(message["content"], f"messages.{index}.content")
         text = tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
         ids = tokenizer(text, add_special_tokens=False).input_ids
         return await _respond(server, http, ids, request, chat=True)
