@@ -14,6 +14,8 @@
 #   ilr      learning rate of soft tokens + gates ("-": the body's)
 #   recipe16-kl adds KL(augmented || base) on the scored tokens, weight 1.0 at step 0 decaying linearly to 0 at
 #   step 1000 (0.5 at its last step, 500): a pull toward the base where the latents do not help (out of domain)
+#   res16 / res16-kl: latents = soft tokens + r * the coprocessor's output (latent_residual, r = 0 at start), so
+#   training starts as pause16 and the coprocessor adds to it; res16-kl with recipe16-kl's KL
 # Evaluation: perplexity of the k-th token (k = 1..32) after latents inserted every 16th token, with and
 # without latents, 95% bootstrap intervals over sequences, on the prose test files and WikiText-2 test
 # (PPL_TOKENS tokens each = 72 sequences of 256 = 1,008 insertion points per offset); ablation runs on
@@ -51,7 +53,9 @@ recipe4 coprocessor 4 250 token true vocab 3e-4 1e-2 full
 gate16 coprocessor 16 250 token true random 3e-4 - ablation
 token16 coprocessor 16 250 token false random 3e-4 - ablation
 recipe64 coprocessor 64 250 token true vocab 3e-4 1e-2 full
-recipe16-kl coprocessor 16 500 token true vocab 3e-4 1e-2 full --train.kl_to_base 1.0 --train.kl_anneal_steps 1000"
+recipe16-kl coprocessor 16 500 token true vocab 3e-4 1e-2 full --train.kl_to_base 1.0 --train.kl_anneal_steps 1000
+res16 coprocessor 16 500 token true vocab 3e-4 1e-2 full --coprocessor.latent_residual true
+res16-kl coprocessor 16 500 token true vocab 3e-4 1e-2 full --coprocessor.latent_residual true --train.kl_to_base 1.0 --train.kl_anneal_steps 1000"
 
 while read -r name method latents steps readout gate init lr ilr eval extra; do
     if [ -n "$RUNS_ONLY" ] && [[ " $RUNS_ONLY " != *" $name "* ]]; then continue; fi

@@ -15,6 +15,7 @@ RECIPES = {
     "token": {"readout": "token"},
     "token_gate": {"readout": "token", "latent_gate": True},
     "latent_gate": {"latent_gate": True},
+    "residual": {"readout": "token", "latent_gate": True, "latent_residual": True},
 }
 def _lm(arch: str, perturb: bool = True, **config) -> AugmentedLM:
     """Gates open, coprocessor no longer the base's copy (perturb): gradients and latents are generic."""
@@ -78,3 +79,29 @@ def test_interface_parameters_are_the_few_where_coprocessor_meets_base():
 
 
 
+
+
+@pytest.mark.parametrize("arch", FULL_ATTENTION)
+def test_residual_starts_as_the_pause_baseline_and_opens(arch):
+    lm = _lm(arch, perturb=False, readout="token", latent_gate=True, latent_residual=True)
+    coprocessor = lm.coprocessor
+    assert not coprocessor.residual.any() and any(p is coprocessor.residual for p in lm.interface_parameters())
+    # at r = 0 the latents are the soft tokens, whatever the cache holds (here: an empty one)
+    positions = torch.arange(3)[None]
+    from transformers import DynamicCache
+
+    latents = coprocessor(DynamicCache(), positions)
+    torch.testing.assert_close(latents, coprocessor.soft_tokens[None], rtol=0, atol=0)
+    # gates and residual are both closed: exactly the base
+    input_ids = torch.randint(0, VOCAB, (2, 20), generator=torch.Generator().manual_seed(0))
+    points = torch.tensor(POINT_SETS[0])
+    plain = lm.unaugmented_loss(input_ids, points)
+    torch.testing.assert_close(lm.training_loss(input_ids, points).nll_by_offset, plain.nll_by_offset, rtol=0, atol=1e-6)
+    # training opens r, then the coprocessor's output reaches the latents
+    with torch.no_grad():
+        coprocessor.gate.fill_(0.5)
+    lm.training_loss(input_ids, points).loss.backward()
+    assert coprocessor.residual.grad.abs().item() > 0
+    torch.optim.AdamW(lm.trainable_parameters(), lr=1e-2).step()
+    assert coprocessor.residual.abs().item() > 0
+    assert (coprocessor(DynamicCache(), positions) - coprocessor.soft_tokens[None]).abs().max() > 1e-4

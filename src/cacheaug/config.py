@@ -58,6 +58,9 @@ class CoprocessorConfig:
     latent_gate: bool = True
     # "vocab": embeddings of random vocabulary tokens; "random": Gaussian at the embedding scale (paper-like).
     soft_token_init: str = "vocab"
+    # Latents = soft tokens + r * (coprocessor output at the embedding scale), r a trainable scalar starting
+    # at 0: training starts as the pause-token baseline and the coprocessor adds to it once r opens.
+    latent_residual: bool = False
     # Filled by resolve(): who the coprocessor was built for (INTERNAL_FIELDS: no flags, not in a run config).
     base_model: str | None = None
     base_identity: dict[str, Any] = field(default_factory=dict)
@@ -87,6 +90,10 @@ class CoprocessorConfig:
             raise ConfigError(f"readout must be one of {READOUTS}, got {self.readout!r}")
         if not isinstance(self.latent_gate, bool):
             raise ConfigError(f"latent_gate must be true or false, got {self.latent_gate!r}")
+        if not isinstance(self.latent_residual, bool):
+            raise ConfigError(f"latent_residual must be true or false, got {self.latent_residual!r}")
+        if self.latent_residual and self.method == "pause":
+            raise ConfigError("latent_residual adds a coprocessor's output to the soft tokens; method='pause' has none")
         if self.soft_token_init not in SOFT_TOKEN_INITS:
             raise ConfigError(f"soft_token_init must be one of {SOFT_TOKEN_INITS}, got {self.soft_token_init!r}")
 

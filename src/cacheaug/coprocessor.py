@@ -62,6 +62,12 @@ class Coprocessor(nn.Module):
         if self.stack is not None and config.scale_latents:
             # shape (1,), not a scalar: FSDP shards parameters along their first dimension
             self.latent_scale = nn.Parameter(torch.tensor([self._calibrated_scale(base)], dtype=self.soft_tokens.dtype))
+        self.residual = None
+        if self.stack is not None and config.latent_residual:
+            # shape (1,) zeros: the latents start as the soft tokens themselves (the pause baseline)
+            self.residual = nn.Parameter(torch.zeros(1, dtype=self.soft_tokens.dtype))
+            # a float from the base's weights, so a loaded checkpoint rebuilds it exactly
+            self.embedding_std = embedding_output_std(base)
 
     @torch.no_grad()
     def _calibrated_scale(self, base: nn.Module) -> float:
@@ -125,9 +131,12 @@ class Coprocessor(nn.Module):
             use_cache=True,
             **attention_kwargs,
         )
-        if self.latent_scale is None:
-            return out.last_hidden_state
-        return out.last_hidden_state * self.latent_scale
+        latents = out.last_hidden_state if self.latent_scale is None else out.last_hidden_state * self.latent_scale
+        if self.residual is None:
+            return latents
+        # each latent brought to the embedding scale (a copied stack's outputs are ~20x larger), then gated by r
+        rms = latents.float().pow(2).mean(-1, keepdim=True).add(1e-6).sqrt().to(latents.dtype)
+        return soft + self.residual * self.embedding_std * latents / rms
 
 
 class AugmentedLM(nn.Module):
@@ -152,8 +161,9 @@ class AugmentedLM(nn.Module):
         return [p for p in self.coprocessor.parameters() if p.requires_grad]
 
     def interface_parameters(self) -> list[nn.Parameter]:
-        """The few parameters where the coprocessor meets the base: soft tokens, latent gates, latent scale."""
-        interface = (self.coprocessor.soft_tokens, self.coprocessor.gate, self.coprocessor.latent_scale)
+        """The few parameters where the coprocessor meets the base: soft tokens, latent gates, scale, residual."""
+        c = self.coprocessor
+        interface = (c.soft_tokens, c.gate, c.latent_scale, c.residual)
         return [p for p in interface if p is not None and p.requires_grad]
 
     def trainable_state_dict(self) -> dict[str, torch.Tensor]:
