@@ -41,6 +41,7 @@ def describe(run: dict) -> str:
         f"readout {coprocessor.get('readout', 'latent')}",
         "gate" if coprocessor.get("latent_gate") else "no gate",
         f"{coprocessor.get('soft_token_init', 'random')} init",
+        *(["latents = soft tokens + r x coprocessor (r = 0 at start)"] if coprocessor.get("latent_residual") else []),
         f"lr {train.get('lr')}" + (f", interface {train['interface_lr']}" if train.get("interface_lr") else ""),
     ]
     if train.get("kl_to_base"):
@@ -196,7 +197,7 @@ def main() -> None:
         lines.append(f"- **{run['label']}**: {describe(run)}")
     for dataset in DATASETS:
         lines += ["", f"## {dataset}: perplexity change vs the plain base, [95% bootstrap interval]", "", table(runs, dataset)]
-        for name in ("recipe16", "recipe16-kl"):
+        for name in ("recipe16", "recipe16-kl", "res16", "res16-kl"):
             if any(run["name"] == name for run in runs):
                 lines += ["", head_to_head(runs, dataset, name, "pause16")]
         plot_change(runs, dataset, args.results / f"change-{dataset}.png")
