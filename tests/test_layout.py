@@ -21,7 +21,7 @@ def _calls_with_cache() -> list[str]:
 def test_forwards_over_a_cache_sit_in_state_py_or_the_loss():
     allowed = {
         "state.py:base",  # state.base_forward: every decode-time step of the base
-        "coprocessor.py:self.stack",  # Coprocessor.forward: the coprocessor reads the base's cache
+        "latents.py:self.stack",  # Coprocessor.forward: the coprocessor reads the base's cache
         "coprocessor.py:self.base.get_decoder()",  # training_loss: the prefix, read once
         "coprocessor.py:self.base",  # training_loss: all groups in one block-masked pass
         "coprocessor.py:steps.prefill",  # AugmentedLM.prefill delegates to state.py
