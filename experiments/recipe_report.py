@@ -41,7 +41,8 @@ def describe(run: dict) -> str:
         f"readout {coprocessor.get('readout', 'latent')}",
         "gate" if coprocessor.get("latent_gate") else "no gate",
         f"{coprocessor.get('soft_token_init', 'random')} init",
-        *(["latents = soft tokens + r x coprocessor (r = 0 at start)"] if coprocessor.get("latent_residual") else []),
+        *([f"latents = soft tokens + r x coprocessor (r = {coprocessor.get('latent_residual_init', 0):g} at start)"]
+          if coprocessor.get("latent_residual") else []),
         f"lr {train.get('lr')}" + (f", interface {train['interface_lr']}" if train.get("interface_lr") else ""),
     ]
     if train.get("kl_to_base"):

@@ -16,6 +16,8 @@
 #   step 1000 (0.5 at its last step, 500): a pull toward the base where the latents do not help (out of domain)
 #   res16 / res16-kl: latents = soft tokens + r * the coprocessor's output (latent_residual, r = 0 at start), so
 #   training starts as pause16 and the coprocessor adds to it; res16-kl with recipe16-kl's KL
+#   res16-r1: res16 with r = 1 at start (a skip connection around the coprocessor; the closed gates still make step 0
+#   the base)
 #   recipe4-kl: recipe16-kl at N_L 4 with the same 500 steps (the target: N_L 16 at least as good as N_L 4)
 # Evaluation: perplexity of the k-th token (k = 1..32) after latents inserted every 16th token, with and
 # without latents, 95% bootstrap intervals over sequences, on the prose test files and WikiText-2 test
@@ -57,7 +59,8 @@ recipe64 coprocessor 64 250 token true vocab 3e-4 1e-2 full
 recipe16-kl coprocessor 16 500 token true vocab 3e-4 1e-2 full --train.kl_to_base 1.0 --train.kl_anneal_steps 1000
 res16 coprocessor 16 500 token true vocab 3e-4 1e-2 full --coprocessor.latent_residual true
 res16-kl coprocessor 16 500 token true vocab 3e-4 1e-2 full --coprocessor.latent_residual true --train.kl_to_base 1.0 --train.kl_anneal_steps 1000
-recipe4-kl coprocessor 4 500 token true vocab 3e-4 1e-2 full --train.kl_to_base 1.0 --train.kl_anneal_steps 1000"
+recipe4-kl coprocessor 4 500 token true vocab 3e-4 1e-2 full --train.kl_to_base 1.0 --train.kl_anneal_steps 1000
+res16-r1 coprocessor 16 500 token true vocab 3e-4 1e-2 full --coprocessor.latent_residual true --coprocessor.latent_residual_init 1.0"
 
 while read -r name method latents steps readout gate init lr ilr eval extra; do
     if [ -n "$RUNS_ONLY" ] && [[ " $RUNS_ONLY " != *" $name "* ]]; then continue; fi

@@ -16,7 +16,10 @@ RECIPES = {
     "token_gate": {"readout": "token", "latent_gate": True},
     "latent_gate": {"latent_gate": True},
     "residual": {"readout": "token", "latent_gate": True, "latent_residual": True},
+    "residual_open": {"readout": "token", "latent_gate": True, "latent_residual": True, "latent_residual_init": 1.0},
 }
+
+
 def _lm(arch: str, perturb: bool = True, **config) -> AugmentedLM:
     """Gates open, coprocessor no longer the base's copy (perturb): gradients and latents are generic."""
     return perturbed_lm(arch, seed=1, scale=0.3 if perturb else 0, num_latents=3, num_ahead=4, num_points=5, **config)
@@ -78,9 +81,6 @@ def test_interface_parameters_are_the_few_where_coprocessor_meets_base():
     assert lm.coprocessor.gate.shape == (2, 4) and not lm.coprocessor.gate.any()
 
 
-
-
-
 @pytest.mark.parametrize("arch", FULL_ATTENTION)
 def test_residual_starts_as_the_pause_baseline_and_opens(arch):
     lm = _lm(arch, perturb=False, readout="token", latent_gate=True, latent_residual=True)
@@ -105,3 +105,34 @@ def test_residual_starts_as_the_pause_baseline_and_opens(arch):
     torch.optim.AdamW(lm.trainable_parameters(), lr=1e-2).step()
     assert coprocessor.residual.abs().item() > 0
     assert (coprocessor(DynamicCache(), positions) - coprocessor.soft_tokens[None]).abs().max() > 1e-4
+
+
+def test_residual_init_sets_r_and_the_latents_follow_it():
+    lm = _lm("llama", perturb=False, readout="token", latent_gate=True, latent_residual=True, latent_residual_init=0.5)
+    coprocessor = lm.coprocessor
+    assert coprocessor.residual.tolist() == [0.5]
+    from transformers import DynamicCache
+
+    positions = torch.arange(3)[None]
+    latents = coprocessor(DynamicCache(), positions)
+    # independent recompute: the copied stack's output at the embedding scale, half of it added to the soft tokens
+    raw = coprocessor.stack(inputs_embeds=coprocessor.soft_tokens[None], position_ids=positions).last_hidden_state
+    expected = coprocessor.soft_tokens[None] + 0.5 * coprocessor.embedding_std * raw / raw.pow(2).mean(-1, keepdim=True).add(1e-6).sqrt()
+    torch.testing.assert_close(latents, expected, rtol=1e-5, atol=1e-6)
+    # closed gates still hide whatever the latents are: exactly the base at step 0
+    input_ids = torch.randint(0, VOCAB, (2, 20), generator=torch.Generator().manual_seed(0))
+    points = torch.tensor(POINT_SETS[0])
+    torch.testing.assert_close(
+        lm.training_loss(input_ids, points).nll_by_offset, lm.unaugmented_loss(input_ids, points).nll_by_offset, rtol=0, atol=1e-6
+    )
+
+
+@pytest.mark.parametrize("bad", [float("nan"), True, "1"])
+def test_residual_init_refuses_what_is_not_a_finite_number(bad):
+    from cacheaug.config import CoprocessorConfig
+    from cacheaug.errors import ConfigError
+
+    with pytest.raises(ConfigError, match="latent_residual_init"):
+        CoprocessorConfig(latent_residual=True, latent_residual_init=bad)
+    with pytest.raises(ConfigError, match="turn latent_residual on"):
+        CoprocessorConfig(latent_residual_init=1.0)

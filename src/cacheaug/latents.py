@@ -48,8 +48,8 @@ class Coprocessor(nn.Module):
             self.latent_scale = nn.Parameter(torch.tensor([self._calibrated_scale(base)], dtype=self.soft_tokens.dtype))
         self.residual = None
         if self.stack is not None and config.latent_residual:
-            # shape (1,) zeros: the latents start as the soft tokens themselves (the pause baseline)
-            self.residual = nn.Parameter(torch.zeros(1, dtype=self.soft_tokens.dtype))
+            # shape (1,); at r = 0 (the default) the latents start as the soft tokens themselves (the pause baseline)
+            self.residual = nn.Parameter(torch.full((1,), float(config.latent_residual_init), dtype=self.soft_tokens.dtype))
             # a float from the base's weights, so a loaded checkpoint rebuilds it exactly
             self.embedding_std = embedding_output_std(base)
 
