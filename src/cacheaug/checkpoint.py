@@ -14,7 +14,8 @@ import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 
-from .config import INTERNAL_FIELDS, CoprocessorConfig, RunConfig, base_identity_from_config, identity_mismatches
+from .config import INTERNAL_FIELDS, CoprocessorConfig, RunConfig
+from .identity import base_identity_from_config, identity_mismatches
 from .errors import CheckpointError, ConfigError, require_extra
 
 WEIGHTS_NAME = "coprocessor.safetensors"

@@ -10,6 +10,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from .errors import ConfigError, DataError
+from .identity import IDENTITY_KEYS, base_identity_from_config, identity_mismatches  # noqa: F401 (re-exported)
 
 COPROCESSOR_INITS = ("pretrained", "scratch")
 METHODS = ("coprocessor", "pause")
@@ -98,9 +99,7 @@ class CoprocessorConfig:
             raise ConfigError(f"latent_residual must be true or false, got {self.latent_residual!r}")
         if self.latent_residual and self.method == "pause":
             raise ConfigError("latent_residual adds a coprocessor's output to the soft tokens; method='pause' has none")
-        if isinstance(self.latent_residual_init, bool) or not isinstance(self.latent_residual_init, (int, float)) or (
-            not math.isfinite(self.latent_residual_init)
-        ):
+        if not (_is_number(self.latent_residual_init) and math.isfinite(self.latent_residual_init)):
             raise ConfigError(f"latent_residual_init must be a finite number, got {self.latent_residual_init!r}")
         if self.latent_residual_init != 0 and not self.latent_residual:
             raise ConfigError("latent_residual_init sets r of latent_residual; turn latent_residual on to use it")
@@ -141,45 +140,6 @@ class CoprocessorConfig:
 
 
 INTERNAL_FIELDS = ("base_model", "base_identity")
-
-# Dimensions that must agree for a coprocessor to run on a base model.
-IDENTITY_KEYS = (
-    "model_type",
-    "hidden_size",
-    "num_hidden_layers",
-    "num_attention_heads",
-    "num_key_value_heads",
-    "head_dim",
-    "vocab_size",
-)
-
-
-def base_identity_from_config(base_config: Any, name: str | None = None) -> dict[str, Any]:
-    """The base model's name and the dimensions a checkpoint depends on."""
-    text = base_config.get_text_config()
-    heads = getattr(text, "num_attention_heads", None)
-    hidden = getattr(text, "hidden_size", None)
-    identity = {
-        "name": name or getattr(base_config, "name_or_path", None) or getattr(base_config, "_name_or_path", None) or "unknown",
-        "model_type": text.model_type,
-        "hidden_size": hidden,
-        "num_hidden_layers": text.num_hidden_layers,
-        "num_attention_heads": heads,
-        "num_key_value_heads": getattr(text, "num_key_value_heads", heads),
-        "head_dim": getattr(text, "head_dim", None) or (hidden // heads if hidden and heads else None),
-        "vocab_size": text.vocab_size,
-    }
-    return identity
-
-
-def identity_mismatches(saved: dict[str, Any], current: dict[str, Any]) -> list[str]:
-    """Human-readable differences between a checkpoint's base identity and a loaded base."""
-    return [
-        f"{key}: checkpoint {saved.get(key)!r} vs base {current.get(key)!r}"
-        for key in IDENTITY_KEYS
-        if key in saved and saved.get(key) != current.get(key)
-    ]
-
 
 PRECISIONS = ("fp32", "bf16")
 STRATEGIES = ("ddp", "fsdp")

@@ -24,8 +24,8 @@ from transformers import (
     PreTrainedTokenizerBase,
 )
 
-from .config import base_identity_from_config
 from .errors import ModelError
+from .identity import base_identity_from_config
 
 __all__ = [
     "EMBEDDED_MODELS", "TINY_RANDOM", "EmbeddedModel", "base_identity", "byte_tokenizer", "cache_home", "decoder_layers_name",

@@ -36,8 +36,8 @@ from safetensors.torch import save_file
 
 from .. import cache as kv
 from .. import state as steps
-from ..config import base_identity_from_config
 from ..errors import BankEntryError, InputError
+from ..identity import base_identity_from_config
 from ..state import DecodeState, copy_state
 
 __all__ = ["BANK_FORMAT_VERSION", "BankEntry", "BankEntryError", "CacheBank", "model_fingerprint", "tensors_sha256"]
