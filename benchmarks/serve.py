@@ -1,7 +1,7 @@
 """Serving cost of augmentation: time to first token and tokens/s, plain vs sync vs async augmentation vs a
 zero-shot-CoT answer given N_L extra tokens; then a bounded loopback load test of the HTTP server.
 
-    python benchmarks/serve.py [--model smollm2-135m] [--ckpt DIR] [--prompt-tokens 512] [--json out.json]
+    python benchmarks/serve.py [--model smollm2-135m] [--ckpt DIR] [--dtype float32] [--prompt-tokens 512] [--json out.json]
 
 Without --ckpt the coprocessor is a fresh, untrained one on the base (timing does not depend on training).
 Decoding is greedy with no eos, so every mode decodes exactly its budget. "added" is a mode's extra time to
@@ -44,8 +44,8 @@ COT_SUFFIX = "\nLet's think step by step."
 
 def load_model(args):
     if args.ckpt:
-        return load_checkpoint(args.ckpt)
-    base, tokenizer = load_base(args.model)
+        return load_checkpoint(args.ckpt, args.dtype)
+    base, tokenizer = load_base(args.model, dtype=args.dtype)
     return AugmentedLM(base, CoprocessorConfig(num_latents=args.num_latents)), tokenizer
 
 
@@ -176,7 +176,7 @@ class ServerProcess:
 def bench_load(ckpt: str, tokenizer, args) -> dict:
     prompts = load_prompts(tokenizer, args.load_prompt_tokens)
     levels, memory = [], {}
-    size = ["--max-batch", str(max(args.concurrency)), "--max-queue", str(4 * max(args.concurrency))]
+    size = ["--max-batch", str(max(args.concurrency)), "--max-queue", str(4 * max(args.concurrency)), "--dtype", args.dtype]
     with ServerProcess(ckpt, *size) as server:
         memory["before_load_bytes"] = server.rss()
         for augment in args.load_augment:
@@ -218,12 +218,12 @@ def bench_bank(ckpt: str, tokenizer, args) -> dict | None:
     results = {}
     with tempfile.TemporaryDirectory() as root:
         Path(root, "context.txt").write_text(context)
-        added = subprocess.run([sys.executable, "-m", "cacheaug.cli", "bank", "add", "--ckpt", ckpt, "--root", root,
-                                str(Path(root, "context.txt"))], capture_output=True, text=True)
+        added = subprocess.run([sys.executable, "-m", "cacheaug.cli", "bank", "add", "--ckpt", ckpt, "--dtype", args.dtype,
+                                "--root", root, str(Path(root, "context.txt"))], capture_output=True, text=True)
         if added.returncode:
             raise RuntimeError(f"cacheaug bank add failed: {added.stderr[-2000:]}")
         for name, options in (("fresh", ()), ("banked", ("--bank", root))):
-            with ServerProcess(ckpt, *options) as server:
+            with ServerProcess(ckpt, "--dtype", args.dtype, *options) as server:
                 run_stream_load_test(server.url, payloads[:1], concurrency=1)  # warm-up
                 results[name] = run_stream_load_test(server.url, payloads, concurrency=1).to_dict()
     results["context_tokens"] = args.bank_context_tokens
@@ -301,6 +301,8 @@ def main() -> None:
     parser.add_argument("--model", default="smollm2-135m", help="base model when no --ckpt is given")
     parser.add_argument("--ckpt", help="a coprocessor checkpoint (default: a fresh, untrained one)")
     parser.add_argument("--num-latents", type=int, default=16, help="N_L of the fresh coprocessor")
+    parser.add_argument("--dtype", default="float32", help="float32 | bfloat16 | float16: the weights, here and in "
+                        "the server (`cacheaug serve --dtype`)")
     parser.add_argument("--prompt-tokens", type=int, default=512)
     parser.add_argument("--new-tokens", type=int, default=32, help="answer tokens decoded per mode")
     parser.add_argument("--repeats", type=int, default=3, help="timed runs per mode (median), after one warm-up")

@@ -203,7 +203,9 @@ def plot_curves(metrics_path: Path, png_path: Path) -> None:
     train_records = [r for r in records if "loss" in r]
     val_records = [r for r in records if r.get("split") == "validation"]
     figure, axis = plt.subplots(figsize=(7, 4))
-    axis.plot([r["step"] for r in train_records], [r["loss"] for r in train_records], label="train (augmented)", alpha=0.6)
+    # "nll" apart from "loss" when a KL to the base is trained as well: the axis is the NLL either way
+    axis.plot([r["step"] for r in train_records], [r.get("nll", r["loss"]) for r in train_records],
+              label="train (augmented)", alpha=0.6)
     if val_records:
         steps = [r["step"] for r in val_records]
         axis.plot(steps, [r["loss_augmented"] for r in val_records], "o-", label="validation, augmented")
