@@ -18,6 +18,8 @@
 #   training starts as pause16 and the coprocessor adds to it; res16-kl with recipe16-kl's KL
 #   res16-r1: res16 with r = 1 at start (a skip connection around the coprocessor; the closed gates still make step 0
 #   the base)
+#   res16-r1-lora / res16-r1-slow: res16-r1 with the copy kept near the base, by LoRA rank 16 on every linear layer
+#   (lr 1e-3, the adapters' usual) or by a 3x smaller body lr (1e-4, the paper's)
 #   recipe4-kl: recipe16-kl at N_L 4 with the same 500 steps (the target: N_L 16 at least as good as N_L 4)
 # Evaluation: perplexity of the k-th token (k = 1..32) after latents inserted every 16th token, with and
 # without latents, 95% bootstrap intervals over sequences, on the prose test files and WikiText-2 test
@@ -60,7 +62,9 @@ recipe16-kl coprocessor 16 500 token true vocab 3e-4 1e-2 full --train.kl_to_bas
 res16 coprocessor 16 500 token true vocab 3e-4 1e-2 full --coprocessor.latent_residual true
 res16-kl coprocessor 16 500 token true vocab 3e-4 1e-2 full --coprocessor.latent_residual true --train.kl_to_base 1.0 --train.kl_anneal_steps 1000
 recipe4-kl coprocessor 4 500 token true vocab 3e-4 1e-2 full --train.kl_to_base 1.0 --train.kl_anneal_steps 1000
-res16-r1 coprocessor 16 500 token true vocab 3e-4 1e-2 full --coprocessor.latent_residual true --coprocessor.latent_residual_init 1.0"
+res16-r1 coprocessor 16 500 token true vocab 3e-4 1e-2 full --coprocessor.latent_residual true --coprocessor.latent_residual_init 1.0
+res16-r1-lora coprocessor 16 500 token true vocab 1e-3 1e-2 full --coprocessor.latent_residual true --coprocessor.latent_residual_init 1.0 --coprocessor.lora_rank 16
+res16-r1-slow coprocessor 16 500 token true vocab 1e-4 1e-2 full --coprocessor.latent_residual true --coprocessor.latent_residual_init 1.0"
 
 while read -r name method latents steps readout gate init lr ilr eval extra; do
     if [ -n "$RUNS_ONLY" ] && [[ " $RUNS_ONLY " != *" $name "* ]]; then continue; fi
