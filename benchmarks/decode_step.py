@@ -1,7 +1,8 @@
 """One decode step of the base alone (feed_token), at batch 1 and for 4 and 16 stacked rows of different prompt
 lengths (the server's batch, with its padding mask) or of equal ones (no mask): what continuous batching can
-gain before prefill, HTTP and clients take their share. Then the prefill of 1 and 8 such prompts in one batch
-(prefill_rows, as the server admits them): the other half of a server's forward work.
+gain before prefill, HTTP and clients take their share; the same for 16 rows of a 1,024-slot context. Then the
+prefill of 1 and 8 such prompts in one batch (prefill_rows, as the server admits them): the other half of a
+server's forward work.
 
     python benchmarks/decode_step.py [--model smollm2-135m] [--dtype float32] [--repeats 10]
 """
@@ -46,6 +47,11 @@ def main() -> None:
             equal.slot_mask = equal.last_slot = None  # equal lengths: nothing to hide
             print(f"batch {batch}: {1000 * step_seconds(base, stacked, args.repeats):.0f} ms stacked (padding mask), "
                   f"{1000 * step_seconds(base, equal, args.repeats):.0f} ms equal lengths (no mask)")
+        # a long context: 16 equal rows of 1,024 slots, where re-concatenating the cache each step would dominate
+        long = prefill(base, torch.randint(min(100, vocab - 1), min(5000, vocab), (1, 1024)))
+        rows16 = stack_states([copy_state(long) for _ in range(16)])
+        rows16.slot_mask = rows16.last_slot = None
+        print(f"batch 16 at 1,024 slots: {1000 * step_seconds(base, rows16, args.repeats):.0f} ms (equal lengths, no mask)")
         for batch in (1, 8):
             rows = [ids[0].tolist() for ids in prompts[:batch]]
             prefill_rows(base, rows)  # warm-up

@@ -39,8 +39,9 @@ __all__ = [
 class GrowingLayer(DynamicLayer):
     """A full-attention layer that appends new slots into preallocated room.
 
-    DynamicLayer re-concatenates the whole layer at every step: for a server's 16 rows of 190 slots that copy
-    (and the fresh memory it touches) took 71% of a decode step (benchmarks/decode_step.py). Here ``keys`` /
+    DynamicLayer re-concatenates the whole layer at every step, a copy that grows with rows x context: for 16
+    rows of 1,024 slots (SmolLM2-135M, fp32) a step took 3x as long as with this layer
+    (benchmarks/decode_step.py, results/serve/README.md). Here ``keys`` /
     ``values`` are views ``[:, :, :length]`` of buffers (B, H_kv, capacity, D) with room for more, and an
     update writes into that room. Layer copies (:func:`copy_cache`) share the buffers; ``_end`` (shared as
     well) records how far a buffer is written, and only the copy whose length equals it may append in place:
