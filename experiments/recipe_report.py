@@ -13,6 +13,9 @@ import json
 import math
 from pathlib import Path
 
+from cacheaug.errors import InputError
+from cacheaug.eval.metrics import PositionEval
+
 OFFSETS = (1, 2, 4, 8, 16, 32)
 DATASETS = ("prose-test", "wikitext2-test")
 
@@ -118,7 +121,17 @@ def head_to_head(runs: list[dict], dataset: str, first: str, second: str) -> str
     if first not in found or second not in found:
         return ""
     a, b = found[first]["relative_change_percent"], found[second]["relative_change_percent"]
-    return f"{first} is better than {second} at {sum(x < y for x, y in zip(a, b))} of {len(a)} offsets."
+    text = f"{first} is better than {second} at {sum(x < y for x, y in zip(a, b))} of {len(a)} offsets."
+    try:
+        paired = PositionEval.from_dict(found[first]).paired_change(PositionEval.from_dict(found[second]))
+    except InputError:  # not the same targets: no paired interval
+        return text
+    low, high = paired["overall_ci"]
+    better = sum(hi < 0 for _, hi in paired["by_offset_ci"])
+    worse = sum(lo > 0 for lo, _ in paired["by_offset_ci"])
+    return (f"{text} Paired (the same sequences resampled for both), {first}'s perplexity vs {second}'s over "
+            f"k = 1..{len(a)}: {paired['overall']:+.1f}% [{low:+.1f}, {high:+.1f}]; offsets whose 95% interval is "
+            f"below 0: {better}, above 0: {worse}.")
 
 
 def plot_change(runs: list[dict], dataset: str, path: Path) -> None:

@@ -128,3 +128,39 @@ def test_cli_perplexity_on_wikitext(checkpoint, tmp_path):
                  "--offsets", "4", "--every", "8", "--max-tokens", "192", "--out", str(out)]) == 0
     record = json.loads((out / "perplexity-wikitext2-test.json").read_text())
     assert record["settings"]["sequences"] == 2 and record["result"]["tokens_by_offset"][0] == 2 * 12
+
+
+def _sequences(shift: float, seed: int = 0) -> PositionEval:
+    """3 sequences x 4 offsets of NLL sums; the augmented ones ``shift`` nats per target below a common draw."""
+    generator = torch.Generator().manual_seed(seed)
+    counts = torch.randint(5, 9, (3, 4), generator=torch.Generator().manual_seed(1)).double()
+    base = 3.0 * counts
+    augmented = base - 0.2 * counts + torch.randn(3, 4, generator=generator, dtype=torch.float64) - shift * counts
+    return PositionEval(
+        nll_augmented=(augmented.sum(0) / counts.sum(0)).tolist(), nll_base=(base.sum(0) / counts.sum(0)).tolist(),
+        tokens_by_offset=counts.sum(0).long().tolist(), num_sequences=3, seq_len=64, every=8, num_points=24,
+        sequence_nll_augmented=augmented.tolist(), sequence_nll_base=base.tolist(), sequence_counts=counts.long().tolist(),
+    )
+
+
+def test_paired_change_is_exact_for_a_known_shift_and_zero_against_itself():
+    import math
+
+    from cacheaug.errors import InputError
+
+    first, second = _sequences(0.1), _sequences(0.0)
+    itself = first.paired_change(first)
+    assert itself["overall"] == 0 and all(lo == hi == 0 for lo, hi in itself["by_offset_ci"])
+    # the same noise in both runs: every sequence, every offset is 0.1 nats per target apart, so is every resample
+    paired = first.paired_change(second)
+    expected = 100 * (math.exp(-0.1) - 1)
+    assert all(abs(change - expected) < 1e-9 for change in paired["by_offset"])
+    assert all(abs(lo - expected) < 1e-9 and abs(hi - expected) < 1e-9 for lo, hi in paired["by_offset_ci"])
+    assert abs(paired["overall"] - expected) < 1e-9
+    # against a run with other noise the interval is no longer a point
+    noisy = first.paired_change(_sequences(0.0, seed=5))
+    assert noisy["overall_ci"][0] < noisy["overall"] < noisy["overall_ci"][1]
+    other_targets = _sequences(0.0)
+    other_targets.sequence_counts = [[c + 1 for c in row] for row in other_targets.sequence_counts]
+    with pytest.raises(InputError, match="same targets"):
+        first.paired_change(other_targets)

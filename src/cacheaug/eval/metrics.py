@@ -11,6 +11,7 @@ from dataclasses import asdict, dataclass, field, fields
 import torch
 
 from ..coprocessor import AugmentedLM
+from ..errors import InputError
 from . import TABLE_OFFSETS
 
 EVAL_POINTS_SEED = 1234  # validation points are fixed, so every evaluation scores the same tokens
@@ -157,6 +158,36 @@ class PositionEval:
         point = change(aug.sum(-1, keepdim=True), base.sum(-1, keepdim=True), counts.sum(-1, keepdim=True))
         return {"by_offset": offset_ci, "overall": overall_ci, "overall_change": float(point[0]), "level": level,
                 "samples": samples}
+
+    def paired_change(self, other: PositionEval, samples: int = 2000, seed: int = 0, level: float = 0.95) -> dict:
+        """Perplexity with this run's latents relative to ``other``'s (percent; negative = this run better), on
+        the same targets, with percentile intervals from one resampling of sequences for both (paired: the
+        sequence-to-sequence spread that two separate intervals each carry cancels out).
+
+        {"by_offset": [change] * K, "by_offset_ci": [(lo, hi)] * K, "overall": change, "overall_ci": (lo, hi)}.
+        """
+        same = self.sequence_counts and self.sequence_counts == other.sequence_counts and torch.allclose(
+            torch.tensor(self.sequence_nll_base), torch.tensor(other.sequence_nll_base), rtol=1e-4, atol=1e-3)
+        if not same:  # the base's NLL of the same targets is the same whatever the latents
+            raise InputError("a paired comparison needs two evaluations of the same targets (same data, seq_len, "
+                             "every, offsets and max tokens), with per-sequence sums")
+        first = torch.tensor(self.sequence_nll_augmented, dtype=torch.float64)  # (S, K)
+        second = torch.tensor(other.sequence_nll_augmented, dtype=torch.float64)
+        counts = torch.tensor(self.sequence_counts, dtype=torch.float64)
+        picks = torch.randint(len(counts), (samples, len(counts)), generator=torch.Generator().manual_seed(seed))
+
+        def change(a, b, c):  # (..., S, K) sums over sequences -> percent
+            return 100 * (torch.exp((a.sum(-2) - b.sum(-2)) / c.sum(-2).clamp(min=1)) - 1)
+
+        def both(a, b, c):  # by offset (..., K) and over every offset (...,)
+            return change(a, b, c), change(a.sum(-1, keepdim=True), b.sum(-1, keepdim=True), c.sum(-1, keepdim=True))[..., 0]
+
+        quantiles = torch.tensor([(1 - level) / 2, 1 - (1 - level) / 2], dtype=torch.float64)
+        by_offset, overall = both(first, second, counts)
+        sampled_offsets, sampled_overall = both(first[picks], second[picks], counts[picks])
+        return {"by_offset": by_offset.tolist(), "by_offset_ci": torch.quantile(sampled_offsets, quantiles, dim=0).T.tolist(),
+                "overall": float(overall), "overall_ci": torch.quantile(sampled_overall, quantiles).tolist(),
+                "level": level, "samples": samples}
 
     @property
     def perplexity_augmented(self) -> list[float]:
