@@ -206,13 +206,13 @@ def gated_attention(module, query, key, value, attention_mask, scaling=None, dro
     sliding layer holds only its last K), ``cacheaug_gates`` (num_layers, H). Returns (B, Q, H, D).
     """
     batch, heads, queries, dim = query.shape
-    num_keys = key.shape[2]
+    kv_heads, num_keys = key.shape[1], key.shape[2]
     is_latent = kwargs["cacheaug_latent_keys"][:, -num_keys:][:, None, None, :]  # (B, 1, 1, K)
-    if key.shape[1] != heads:  # grouped-query attention
-        key = key.repeat_interleave(heads // key.shape[1], dim=1)
-        value = value.repeat_interleave(heads // value.shape[1], dim=1)
+    # grouped-query attention without repeating the cache: query head h reads kv head h // (H / H_kv), so the
+    # queries of one kv head are stacked along Q, (B, H_kv, H/H_kv * Q, D), and each matmul reads K and V once
+    grouped = query.reshape(batch, kv_heads, heads // kv_heads * queries, dim)
     scaling = dim**-0.5 if scaling is None else scaling
-    scores = torch.matmul(query, key.transpose(-1, -2)) * scaling  # (B, H, Q, K)
+    scores = (torch.matmul(grouped, key.transpose(-1, -2)) * scaling).reshape(batch, heads, queries, num_keys)
     if softcap is not None:
         scores = torch.tanh(scores / softcap) * softcap
     if attention_mask is None:
@@ -225,7 +225,8 @@ def gated_attention(module, query, key, value, attention_mask, scaling=None, dro
     gate = torch.tanh(kwargs["cacheaug_gates"][module.layer_idx]).to(dtype)[None, :, None, None]  # (1, H, 1, 1)
     probs = masked_softmax(scores, visible & ~is_latent, dtype) + gate * masked_softmax(scores, visible & is_latent, dtype)
     probs = torch.nn.functional.dropout(probs.to(query.dtype), p=dropout, training=module.training)
-    return torch.matmul(probs, value).transpose(1, 2).contiguous(), None
+    out = torch.matmul(probs.reshape(batch, kv_heads, -1, num_keys), value)  # (B, H_kv, H/H_kv * Q, D)
+    return out.reshape(batch, heads, queries, -1).transpose(1, 2).contiguous(), None
 
 
 @functools.cache  # once per process: decoding enters block_attention_for at every gated step
