@@ -61,10 +61,11 @@ class CoprocessorConfig:
     # "vocab": embeddings of random vocabulary tokens; "random": Gaussian at the embedding scale (paper-like).
     soft_token_init: str = "vocab"
     # Latents = soft tokens + r * (coprocessor output at the embedding scale), r a trainable scalar starting
-    # at 0: training starts as the pause-token baseline and the coprocessor adds to it once r opens.
+    # at latent_residual_init: at 0 training starts as the pause-token baseline and the coprocessor adds to it
+    # once r opens (in 500 steps it stayed under 0.01: res16); 1 is a skip connection around the coprocessor
+    # (r stayed near 1 and the result was worse at that budget: res16-r1, results/recipe-smollm2/).
     latent_residual: bool = False
-    # r's starting value. 0: exactly the pause baseline at the start, but the coprocessor's gradient is r times
-    # its own and r stayed under 0.01 in 500 steps (res16); 1: a plain skip connection around the coprocessor.
+    # r's starting value with latent_residual (see above).
     latent_residual_init: float = 0.0
     # Filled by resolve(): who the coprocessor was built for (INTERNAL_FIELDS: no flags, not in a run config).
     base_model: str | None = None
