@@ -12,9 +12,6 @@ The gap between this tokens/s and benchmarks/serve.py's is what HTTP, JSON and t
 from __future__ import annotations
 
 import argparse
-import json
-import platform
-import subprocess
 import threading
 import time
 from collections import defaultdict
@@ -22,8 +19,10 @@ from collections import defaultdict
 import torch
 
 from cacheaug import load_base
+from cacheaug.outputs import write_json
 from cacheaug.serving import scheduler as loop
-from cacheaug.serving.tickets import Sampling
+from cacheaug.serving.tickets import ErrorEvent, Sampling
+from cacheaug.stream import TokenEvent
 
 TIMED = ("prefill_rows", "prefill", "feed_token", "select_rows", "stack_states", "drop_hidden_slots",
          "compute_latents", "insert_latents")
@@ -62,11 +61,11 @@ def drive(scheduler, prompts: list[list[int]], concurrency: int, max_tokens: int
             first = last = None
             count = 0
             for event in ticket.events():
-                if isinstance(event, loop.TokenEvent):
+                if isinstance(event, TokenEvent):
                     last = time.perf_counter()
                     first = first or last
                     count += 1
-                elif isinstance(event, loop.ErrorEvent):
+                elif isinstance(event, ErrorEvent):
                     raise RuntimeError(event.message)  # noqa: TRY004 (a failed request, not a type error)
             with lock:
                 ttfts.append(first - start)
@@ -121,14 +120,8 @@ def main() -> None:
         print(f"concurrency {concurrency}: {result['tokens_per_s']:.1f} tok/s, TTFT p50 {result['ttft_p50_s']:.2f} s "
               f"max {result['ttft_max_s']:.2f} s, gap p50 {1000 * result['token_gap_p50_s']:.0f} ms, "
               f"{result['steps']} steps; seconds: {result['seconds']}", flush=True)
-    if args.json:
-        commit = subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True, check=False).stdout.strip()
-        with open(args.json, "w") as out:
-            json.dump({"command": "python benchmarks/scheduler_profile.py " + " ".join(
-                f"--{k.replace('_', '-')} {' '.join(map(str, v)) if isinstance(v, list) else v}"
-                for k, v in vars(args).items() if v is not None and k != "json"),
-                "git": commit, "machine": f"{platform.machine()}, {torch.get_num_threads()} threads, torch {torch.__version__}",
-                "results": results}, out, indent=2)
+    if args.json:  # with its provenance: command line, commit, machine, versions
+        write_json(args.json, {"settings": {k: v for k, v in vars(args).items() if k != "json"}, "results": results})
 
 
 if __name__ == "__main__":

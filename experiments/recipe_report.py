@@ -126,12 +126,13 @@ def head_to_head(runs: list[dict], dataset: str, first: str, second: str) -> str
         paired = PositionEval.from_dict(found[first]).paired_change(PositionEval.from_dict(found[second]))
     except InputError:  # not the same targets: no paired interval
         return text
-    low, high = paired["overall_ci"]
+    (low, high), (first_low, first_high) = paired["overall_ci"], paired["by_offset_ci"][0]
     better = sum(hi < 0 for _, hi in paired["by_offset_ci"])
     worse = sum(lo > 0 for lo, _ in paired["by_offset_ci"])
-    return (f"{text} Paired (the same sequences resampled for both), {first}'s perplexity vs {second}'s over "
-            f"k = 1..{len(a)}: {paired['overall']:+.1f}% [{low:+.1f}, {high:+.1f}]; offsets whose 95% interval is "
-            f"below 0: {better}, above 0: {worse}.")
+    return (f"{text} Paired (the same sequences resampled for both), {first}'s perplexity vs {second}'s: k=1 "
+            f"{paired['by_offset'][0]:+.1f}% [{first_low:+.1f}, {first_high:+.1f}], k = 1..{len(a)} "
+            f"{paired['overall']:+.1f}% [{low:+.1f}, {high:+.1f}]; offsets whose 95% interval is below 0: {better}, "
+            f"above 0: {worse}.")
 
 
 def plot_change(runs: list[dict], dataset: str, path: Path) -> None:
@@ -211,12 +212,11 @@ def main() -> None:
         lines.append(f"- **{run['label']}**: {describe(run)}")
     for dataset in DATASETS:
         lines += ["", f"## {dataset}: perplexity change vs the plain base, [95% bootstrap interval]", "", table(runs, dataset)]
-        # every N_L 16 coprocessor run trained for pause16's 500 steps, against it
+        # every N_L 16 coprocessor run that trained pause16's 500 steps itself, against it; N_L 16 against N_L 4
         for run in runs:
-            steps = run.get("config", {}).get("train", {}).get("max_steps")
-            derived = "-step" in run["name"] or "-gates" in run["name"]  # recipe16's checkpoints, evaluated again
-            if run["name"].startswith(("recipe16", "res16")) and steps == 500 and not derived:
+            if run["name"].startswith(("recipe16", "res16")) and train_steps_and_seconds(run)[0] == 500:
                 lines += ["", head_to_head(runs, dataset, run["name"], "pause16")]
+        lines += ["", head_to_head(runs, dataset, "recipe16-kl", "recipe4-kl")]
         plot_change(runs, dataset, args.results / f"change-{dataset}.png")
     plot_curves(runs, args.results / "curves.png")
     (args.results / "report.md").write_text("\n".join(lines) + "\n")

@@ -10,7 +10,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from .errors import ConfigError, DataError
-from .identity import IDENTITY_KEYS, base_identity_from_config, identity_mismatches  # noqa: F401 (re-exported)
+from .identity import base_identity_from_config
 
 COPROCESSOR_INITS = ("pretrained", "scratch")
 METHODS = ("coprocessor", "pause")
