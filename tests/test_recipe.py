@@ -17,6 +17,10 @@ RECIPES = {
     "latent_gate": {"latent_gate": True},
     "residual": {"readout": "token", "latent_gate": True, "latent_residual": True},
     "residual_open": {"readout": "token", "latent_gate": True, "latent_residual": True, "latent_residual_init": 1.0},
+    "residual_matrix": {
+        "readout": "token", "latent_gate": True, "latent_residual": True, "latent_residual_init": 0.7,
+        "latent_residual_matrix": True,
+    },
 }
 
 
@@ -127,6 +131,48 @@ def test_residual_init_sets_r_and_the_latents_follow_it():
     )
 
 
+def test_residual_matrix_starts_as_r_times_identity_trains_with_the_body_and_opens():
+    from transformers import DynamicCache
+
+    scalar = _lm("llama", perturb=False, readout="token", latent_gate=True, latent_residual=True, latent_residual_init=0.5)
+    matrix = _lm(
+        "llama", perturb=False, readout="token", latent_gate=True, latent_residual=True, latent_residual_init=0.5,
+        latent_residual_matrix=True,
+    )
+    matrix.coprocessor.load_state_dict({**scalar.coprocessor.state_dict(), "residual": matrix.coprocessor.residual})
+    hidden = scalar.coprocessor.soft_tokens.shape[1]
+    torch.testing.assert_close(matrix.coprocessor.residual.detach(), 0.5 * torch.eye(hidden), rtol=0, atol=0)
+    positions = torch.arange(3)[None]
+    # r = 0.5 I gives the latents of the scalar r = 0.5
+    torch.testing.assert_close(
+        matrix.coprocessor(DynamicCache(), positions), scalar.coprocessor(DynamicCache(), positions), rtol=1e-6, atol=1e-6
+    )
+    # the matrix trains at the body's lr, not the interface's
+    assert all(p is not matrix.coprocessor.residual for p in matrix.interface_parameters())
+    assert any(p is matrix.coprocessor.residual for p in matrix.trainable_parameters())
+    # at r = 0 the latents are the soft tokens; one step with open gates moves r off zero in many directions
+    closed = _lm("llama", perturb=False, readout="token", latent_gate=True, latent_residual=True, latent_residual_matrix=True)
+    coprocessor = closed.coprocessor
+    torch.testing.assert_close(coprocessor(DynamicCache(), positions), coprocessor.soft_tokens[None], rtol=0, atol=0)
+    with torch.no_grad():
+        coprocessor.gate.fill_(0.5)
+    input_ids = torch.randint(0, VOCAB, (2, 20), generator=torch.Generator().manual_seed(0))
+    closed.training_loss(input_ids, torch.tensor(POINT_SETS[0])).loss.backward()
+    assert torch.linalg.matrix_rank(coprocessor.residual.grad) > 1
+    torch.optim.AdamW(closed.trainable_parameters(), lr=1e-2).step()
+    assert (coprocessor(DynamicCache(), positions) - coprocessor.soft_tokens[None]).abs().max() > 1e-4
+
+
+def test_residual_matrix_decoding_equals_a_full_recompute():
+    lm = _lm("qwen3", **RECIPES["residual_matrix"])
+    prompt = torch.randint(2, VOCAB, (1, 9), generator=torch.Generator().manual_seed(3))
+    generation = stream(lm, prompt, 9, augment="sync", reaugment_every=3)
+    events = list(generation)
+    finish = events[-1]
+    full = full_recompute(lm, prompt, finish.token_ids, finish.insertions, generation.latents)
+    torch.testing.assert_close(torch.stack([e.logits for e in events[:-1]]), full, rtol=1e-4, atol=1e-4)
+
+
 @pytest.mark.parametrize("bad", [float("nan"), True, "1"])
 def test_residual_init_refuses_what_is_not_a_finite_number(bad):
     from cacheaug.config import CoprocessorConfig
@@ -136,3 +182,7 @@ def test_residual_init_refuses_what_is_not_a_finite_number(bad):
         CoprocessorConfig(latent_residual=True, latent_residual_init=bad)
     with pytest.raises(ConfigError, match="turn latent_residual on"):
         CoprocessorConfig(latent_residual_init=1.0)
+    with pytest.raises(ConfigError, match="turn latent_residual on"):
+        CoprocessorConfig(latent_residual_matrix=True)
+    with pytest.raises(ConfigError, match="latent_residual_matrix must be true or false"):
+        CoprocessorConfig(latent_residual=True, latent_residual_matrix="yes")

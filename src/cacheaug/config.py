@@ -67,6 +67,10 @@ class CoprocessorConfig:
     latent_residual: bool = False
     # r's starting value with latent_residual (see above).
     latent_residual_init: float = 0.0
+    # With latent_residual: r is an (H, H) matrix starting at latent_residual_init x identity, trained at the
+    # body's lr, so the coprocessor's output can enter the latents along any direction, not only its own (a scalar
+    # r stayed at 0 because the loss's gradient is not aligned with the raw output: res16).
+    latent_residual_matrix: bool = False
     # Filled by resolve(): who the coprocessor was built for (INTERNAL_FIELDS: no flags, not in a run config).
     base_model: str | None = None
     base_identity: dict[str, Any] = field(default_factory=dict)
@@ -104,6 +108,10 @@ class CoprocessorConfig:
             raise ConfigError(f"latent_residual_init must be a finite number, got {self.latent_residual_init!r}")
         if self.latent_residual_init != 0 and not self.latent_residual:
             raise ConfigError("latent_residual_init sets r of latent_residual; turn latent_residual on to use it")
+        if not isinstance(self.latent_residual_matrix, bool):
+            raise ConfigError(f"latent_residual_matrix must be true or false, got {self.latent_residual_matrix!r}")
+        if self.latent_residual_matrix and not self.latent_residual:
+            raise ConfigError("latent_residual_matrix makes r of latent_residual a matrix; turn latent_residual on to use it")
         if self.soft_token_init not in SOFT_TOKEN_INITS:
             raise ConfigError(f"soft_token_init must be one of {SOFT_TOKEN_INITS}, got {self.soft_token_init!r}")
 

@@ -51,9 +51,14 @@ class AugmentedLM(nn.Module):
         return [p for p in self.coprocessor.parameters() if p.requires_grad]
 
     def interface_parameters(self) -> list[nn.Parameter]:
-        """The few parameters where the coprocessor meets the base: soft tokens, latent gates, scale, residual."""
+        """The few parameters where the coprocessor meets the base: soft tokens, latent gates, scale, residual.
+
+        A residual matrix (latent_residual_matrix) is not among them: H x H entries at the interface's larger lr
+        would move its output by about H times that lr each step, so it trains with the body.
+        """
         c = self.coprocessor
-        interface = (c.soft_tokens, c.gate, c.latent_scale, c.residual)
+        residual = c.residual if c.residual is not None and c.residual.dim() == 1 else None
+        interface = (c.soft_tokens, c.gate, c.latent_scale, residual)
         return [p for p in interface if p is not None and p.requires_grad]
 
     def trainable_state_dict(self) -> dict[str, torch.Tensor]:

@@ -48,8 +48,14 @@ class Coprocessor(nn.Module):
             self.latent_scale = nn.Parameter(torch.tensor([self._calibrated_scale(base)], dtype=self.soft_tokens.dtype))
         self.residual = None
         if self.stack is not None and config.latent_residual:
-            # shape (1,); at r = 0 (the default) the latents start as the soft tokens themselves (the pause baseline)
-            self.residual = nn.Parameter(torch.full((1,), float(config.latent_residual_init), dtype=self.soft_tokens.dtype))
+            # shape (1,), or (H, H) with latent_residual_matrix; at r = 0 (the default) the latents start as the
+            # soft tokens themselves (the pause baseline)
+            r = float(config.latent_residual_init)
+            if config.latent_residual_matrix:
+                initial_r = r * torch.eye(hidden_size, dtype=self.soft_tokens.dtype, device=self.soft_tokens.device)
+            else:
+                initial_r = torch.full((1,), r, dtype=self.soft_tokens.dtype, device=self.soft_tokens.device)
+            self.residual = nn.Parameter(initial_r)
             # a float from the base's weights, so a loaded checkpoint rebuilds it exactly
             self.embedding_std = embedding_output_std(base)
 
@@ -120,4 +126,7 @@ class Coprocessor(nn.Module):
             return latents
         # each latent brought to the embedding scale (a copied stack's outputs are ~20x larger), then gated by r
         rms = latents.float().pow(2).mean(-1, keepdim=True).add(1e-6).sqrt().to(latents.dtype)
-        return soft + self.residual * self.embedding_std * latents / rms
+        scaled = self.embedding_std * latents / rms  # (B, repeats*N_L, H)
+        if self.residual.dim() == 2:  # latent_residual_matrix: r (H_out, H_in)
+            return soft + scaled @ self.residual.T
+        return soft + self.residual * scaled
