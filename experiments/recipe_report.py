@@ -20,6 +20,14 @@ OFFSETS = (1, 2, 4, 8, 16, 32)
 DATASETS = ("prose-test", "wikitext2-test")
 
 
+# one change apart, at the same budget: (run, the run it changes)
+PAIRS = (("recipe16-kl", "recipe4-kl"), ("res16-mat", "res16"), ("res16-mat-slow", "res16"))
+
+
+def _coprocessor(run: dict) -> dict:
+    return run.get("config", {}).get("coprocessor", {})
+
+
 def load_run(folder: Path) -> dict:
     run = {"name": folder.name, "folder": folder, "evals": {}, "metrics": []}
     for dataset in DATASETS:
@@ -44,7 +52,8 @@ def describe(run: dict) -> str:
         f"readout {coprocessor.get('readout', 'latent')}",
         "gate" if coprocessor.get("latent_gate") else "no gate",
         f"{coprocessor.get('soft_token_init', 'random')} init",
-        *([f"latents = soft tokens + r x coprocessor (r = {coprocessor.get('latent_residual_init', 0):g} at start)"]
+        *([f"latents = soft tokens + r x coprocessor ({'an H x H matrix, ' if coprocessor.get('latent_residual_matrix') else ''}"
+           f"r = {coprocessor.get('latent_residual_init', 0):g} at start)"]
           if coprocessor.get("latent_residual") else []),
         f"lr {train.get('lr')}" + (f", interface {train['interface_lr']}" if train.get("interface_lr") else ""),
     ]
@@ -212,11 +221,16 @@ def main() -> None:
         lines.append(f"- **{run['label']}**: {describe(run)}")
     for dataset in DATASETS:
         lines += ["", f"## {dataset}: perplexity change vs the plain base, [95% bootstrap interval]", "", table(runs, dataset)]
-        # every N_L 16 coprocessor run that trained pause16's 500 steps itself, against it; N_L 16 against N_L 4
+        # every N_L 16 coprocessor run against the N_L 16 pause run that trained as many steps; then single changes
+        pause_by_steps = {train_steps_and_seconds(r)[0]: r["name"] for r in runs
+                          if _coprocessor(r).get("method") == "pause" and _coprocessor(r).get("num_latents") == 16}
         for run in runs:
-            if run["name"].startswith(("recipe16", "res16")) and train_steps_and_seconds(run)[0] == 500:
-                lines += ["", head_to_head(runs, dataset, run["name"], "pause16")]
-        lines += ["", head_to_head(runs, dataset, "recipe16-kl", "recipe4-kl")]
+            steps = train_steps_and_seconds(run)[0]
+            if _coprocessor(run).get("method") == "coprocessor" and _coprocessor(run).get("num_latents") == 16 \
+                    and steps in pause_by_steps:
+                lines += ["", head_to_head(runs, dataset, run["name"], pause_by_steps[steps])]
+        lines += [line for first, second in PAIRS if (text := head_to_head(runs, dataset, first, second))
+                  for line in ("", text)]
         plot_change(runs, dataset, args.results / f"change-{dataset}.png")
     plot_curves(runs, args.results / "curves.png")
     (args.results / "report.md").write_text("\n".join(lines) + "\n")

@@ -16,7 +16,13 @@ def _trained(arch="llama", **config) -> AugmentedLM:
     return perturbed_lm(arch, **{"num_latents": 3, "num_ahead": 3, "num_points": 3, **config})
 
 
-@pytest.mark.parametrize("config", [{}, {"lora_rank": 2}, {"num_layers": 1, "latents_after_norm": False}])
+@pytest.mark.parametrize(
+    "config",
+    [
+        {}, {"lora_rank": 2}, {"num_layers": 1, "latents_after_norm": False},
+        {"lora_rank": 2, "latent_residual": True, "latent_residual_matrix": True},
+    ],
+)
 def test_round_trip(tmp_path, config):
     lm = _trained(**config)
     lm.save_pretrained(tmp_path / "ckpt")
