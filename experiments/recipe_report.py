@@ -21,7 +21,10 @@ DATASETS = ("prose-test", "wikitext2-test")
 
 
 # one change apart, at the same budget: (run, the run it changes)
-PAIRS = (("recipe16-kl", "recipe4-kl"), ("res16-mat", "res16"), ("res16-mat-slow", "res16"))
+PAIRS = (
+    ("recipe16-kl", "recipe4-kl"), ("res16-mat", "res16"), ("res16-mat-slow", "res16"), ("res16-mat-lr3e-5", "res16-mat-slow"),
+    ("res16-mat-slow-kl", "res16-mat-slow"), ("res16-mat-slow-kl", "recipe16-kl"),
+)
 
 
 def _coprocessor(run: dict) -> dict:
