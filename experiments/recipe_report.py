@@ -23,7 +23,7 @@ DATASETS = ("prose-test", "wikitext2-test")
 # one change apart, at the same budget: (run, the run it changes)
 PAIRS = (
     ("recipe16-kl", "recipe4-kl"), ("res16-mat", "res16"), ("res16-mat-slow", "res16"), ("res16-mat-lr3e-5", "res16-mat-slow"),
-    ("res16-mat-slow-kl", "res16-mat-slow"), ("res16-mat-slow-kl", "recipe16-kl"),
+    ("res16-mat-slow-kl", "res16-mat-slow"), ("res16-mat-slow-kl", "recipe16-kl"), ("pause16-seed1", "pause16"),
 )
 
 
@@ -225,8 +225,10 @@ def main() -> None:
     for dataset in DATASETS:
         lines += ["", f"## {dataset}: perplexity change vs the plain base, [95% bootstrap interval]", "", table(runs, dataset)]
         # every N_L 16 coprocessor run against the N_L 16 pause run that trained as many steps; then single changes
-        pause_by_steps = {train_steps_and_seconds(r)[0]: r["name"] for r in runs
-                          if _coprocessor(r).get("method") == "pause" and _coprocessor(r).get("num_latents") == 16}
+        pause_by_steps = {}  # steps -> the first such run by name (pause16, not its seed repeat)
+        for r in runs:
+            if _coprocessor(r).get("method") == "pause" and _coprocessor(r).get("num_latents") == 16:
+                pause_by_steps.setdefault(train_steps_and_seconds(r)[0], r["name"])
         for run in runs:
             steps = train_steps_and_seconds(run)[0]
             if _coprocessor(run).get("method") == "coprocessor" and _coprocessor(run).get("num_latents") == 16 \
