@@ -22,8 +22,9 @@ DATASETS = ("prose-test", "wikitext2-test")
 
 # one change apart, at the same budget: (run, the run it changes)
 PAIRS = (
-    ("recipe16-kl", "recipe4-kl"), ("res16-mat", "res16"), ("res16-mat-slow", "res16"), ("res16-mat-lr3e-5", "res16-mat-slow"),
-    ("res16-mat-slow-kl", "res16-mat-slow"), ("res16-mat-slow-kl", "recipe16-kl"), ("pause16-seed1", "pause16"),
+    ("recipe16-kl", "recipe4-kl"), ("res16-mat", "res16"), ("res16-mat-slow", "res16"),
+    ("res16-mat-lr3e-5", "res16-mat-slow"), ("res16-mat-slow-kl", "res16-mat-slow"), ("res16-mat-slow-kl", "recipe16-kl"),
+    ("pause16-seed1", "pause16"),
 )
 
 
@@ -55,8 +56,8 @@ def describe(run: dict) -> str:
         f"readout {coprocessor.get('readout', 'latent')}",
         "gate" if coprocessor.get("latent_gate") else "no gate",
         f"{coprocessor.get('soft_token_init', 'random')} init",
-        *([f"latents = soft tokens + r x coprocessor ({'an H x H matrix, ' if coprocessor.get('latent_residual_matrix') else ''}"
-           f"r = {coprocessor.get('latent_residual_init', 0):g} at start)"]
+        *([(f"latents = soft tokens + r x coprocessor ({'an H x H matrix, ' if coprocessor.get('latent_residual_matrix') else ''}"
+            f"r = {coprocessor.get('latent_residual_init', 0):g} at start)")]
           if coprocessor.get("latent_residual") else []),
         f"lr {train.get('lr')}" + (f", interface {train['interface_lr']}" if train.get("interface_lr") else ""),
     ]
