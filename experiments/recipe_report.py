@@ -24,7 +24,7 @@ DATASETS = ("prose-test", "wikitext2-test")
 PAIRS = (
     ("recipe16-kl", "recipe4-kl"), ("res16-mat", "res16"), ("res16-mat-slow", "res16"),
     ("res16-mat-lr3e-5", "res16-mat-slow"), ("res16-mat-slow-kl", "res16-mat-slow"), ("res16-mat-slow-kl", "recipe16-kl"),
-    ("pause16-seed1", "pause16"),
+    ("pause16-seed1", "pause16"), ("res16-mat-slow", "pause16-seed1"),
 )
 
 
