@@ -131,6 +131,14 @@ if [ -d "$final" ]; then
         --seq-len 256 --every 16 --offsets 32 --max-tokens "$PPL_TOKENS" --out "$OUT/recipe16-gates0.5"
 fi
 
+# ---------------------------------------------------------------- how far r opened in the latent_residual runs
+residual=()
+for name in res16 res16-kl res16-r1 res16-r1-lora res16-r1-slow res16-mat res16-mat-slow res16-mat-lr3e-5 res16-mat-slow-kl; do
+    final=$RUNS/$name/step-$(printf %06d "$(python -c "print(max(2, round(500 * $STEPS_SCALE)))")")
+    if [ -d "$final" ]; then residual+=("$name=$final"); fi
+done
+if [ ${#residual[@]} -gt 0 ]; then python experiments/residual_stats.py --out "$OUT/residual.json" "${residual[@]}"; fi
+
 # ---------------------------------------------------------------- tables and plots
 python experiments/recipe_report.py "$OUT" --paper250 results/prose-smollm2/nl16 --paper250-nl4 results/prose-smollm2/nl4
 echo "done: $OUT/report.md"

@@ -69,7 +69,7 @@ class CoprocessorConfig:
     latent_residual_init: float = 0.0
     # With latent_residual: r is an (H, H) matrix starting at latent_residual_init x identity, trained at the
     # body's lr, so the coprocessor's output can enter the latents along any direction, not only its own (a scalar
-    # r stayed at 0 because the loss's gradient is not aligned with the raw output: res16).
+    # r stayed near 0 in res16; the matrix opened in res16-mat, results/recipe-smollm2/).
     latent_residual_matrix: bool = False
     # Filled by resolve(): who the coprocessor was built for (INTERNAL_FIELDS: no flags, not in a run config).
     base_model: str | None = None
