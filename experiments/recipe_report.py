@@ -11,6 +11,7 @@ from __future__ import annotations
 import argparse
 import json
 import math
+from dataclasses import replace
 from pathlib import Path
 
 from cacheaug.errors import InputError
@@ -26,6 +27,13 @@ PAIRS = (
     ("res16-mat-lr3e-5", "res16-mat-slow"), ("res16-mat-slow-kl", "res16-mat-slow"), ("res16-mat-slow-kl", "recipe16-kl"),
     ("pause16-seed1", "pause16"), ("res16-mat-slow", "pause16-seed1"),
 )
+
+# trainings of one recipe that differ only in the training seed (soft-token init, augmentation points): recipe -> runs
+SEEDS = {
+    "pause16": ("pause16", "pause16-seed1", "pause16-seed2"),
+    "res16-mat-slow": ("res16-mat-slow", "res16-mat-slow-seed1", "res16-mat-slow-seed2"),
+}
+SEED_PAIRS = (("res16-mat-slow", "pause16"),)  # (recipe, the recipe it is compared with), across their seeds
 
 
 def _coprocessor(run: dict) -> dict:
@@ -148,6 +156,61 @@ def head_to_head(runs: list[dict], dataset: str, first: str, second: str) -> str
             f"above 0: {worse}.")
 
 
+def seed_mean(evals: list[PositionEval]) -> PositionEval:
+    """One evaluation whose per-sequence NLL sums are the mean over trainings of a recipe (the same targets): what
+    a training of the recipe scores on average, so that paired offsets compare recipes rather than two draws."""
+    mean = [[sum(values) / len(values) for values in zip(*rows)] for rows in zip(*(e.sequence_nll_augmented for e in evals))]
+    return replace(evals[0], sequence_nll_augmented=mean)
+
+
+def seed_comparison(runs: list[dict], dataset: str, first: str, second: str) -> tuple[str, dict | None]:
+    """Recipe ``first`` vs recipe ``second`` over every seed of each (SEEDS): the seed-mean paired change by offset,
+    and the k = 1..K paired change of every cross pair against those within each recipe (the seed spread)."""
+    found = {r["name"]: PositionEval.from_dict(r["evals"][dataset]) for r in runs if dataset in r["evals"]}
+    groups = {name: [run for run in SEEDS[name] if run in found] for name in (first, second)}
+    if min(len(members) for members in groups.values()) < 2:
+        return "", None
+
+    def overall(a: str, b: str) -> float:
+        return found[a].paired_change(found[b], samples=1)["overall"]
+
+    paired = seed_mean([found[r] for r in groups[first]]).paired_change(seed_mean([found[r] for r in groups[second]]))
+    cross = [overall(a, b) for a in groups[first] for b in groups[second]]
+    within = {name: [overall(a, b) for i, a in enumerate(members) for b in members[i + 1:]] for name, members in groups.items()}
+    (low, high), offsets = paired["overall_ci"], len(paired["by_offset"])
+    spread = "; ".join(f"{name}: {', '.join(f'{v:+.1f}%' for v in values)}" for name, values in within.items())
+    text = (f"**{first} ({len(groups[first])} seeds) vs {second} ({len(groups[second])} seeds)**, seed-mean NLL, paired: "
+            f"better at {sum(v < 0 for v in paired['by_offset'])} of {offsets} offsets; k=1 {paired['by_offset'][0]:+.1f}% "
+            f"[{paired['by_offset_ci'][0][0]:+.1f}, {paired['by_offset_ci'][0][1]:+.1f}], k = 1..{offsets} "
+            f"{paired['overall']:+.1f}% [{low:+.1f}, {high:+.1f}] (intervals over test sequences); offsets whose interval "
+            f"is below 0: {sum(hi < 0 for _, hi in paired['by_offset_ci'])}, above 0: "
+            f"{sum(lo > 0 for lo, _ in paired['by_offset_ci'])}. k = 1..{offsets}, every cross pair ({first} seed vs "
+            f"{second} seed): {', '.join(f'{v:+.1f}%' for v in cross)}; between seeds of one recipe: {spread}.")
+    return text, paired
+
+
+def plot_seeds(comparisons: dict[str, dict], path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    figure, axis = plt.subplots(figsize=(8, 4.5))
+    for label, paired in comparisons.items():
+        offsets = list(range(1, len(paired["by_offset"]) + 1))
+        line = axis.plot(offsets, paired["by_offset"], "o-", markersize=3, label=label)[0]
+        axis.fill_between(offsets, [lo for lo, _ in paired["by_offset_ci"]], [hi for _, hi in paired["by_offset_ci"]],
+                          color=line.get_color(), alpha=0.15)
+    axis.axhline(0, color="black", linewidth=0.8)
+    axis.set_xlabel("k (token after the latents)")
+    axis.set_ylabel("seed-mean perplexity, first vs second (%)")
+    axis.set_title("recipe vs recipe over their seeds, paired, 95% intervals over test sequences")
+    axis.legend(fontsize=7)
+    figure.tight_layout()
+    figure.savefig(path, dpi=120)
+    plt.close(figure)
+
+
 def plot_change(runs: list[dict], dataset: str, path: Path) -> None:
     import matplotlib
 
@@ -237,6 +300,14 @@ def main() -> None:
                 lines += ["", head_to_head(runs, dataset, run["name"], pause_by_steps[steps])]
         lines += [line for first, second in PAIRS if (text := head_to_head(runs, dataset, first, second))
                   for line in ("", text)]
+        seeds = {}
+        for first, second in SEED_PAIRS:
+            text, paired = seed_comparison(runs, dataset, first, second)
+            if paired is not None:
+                lines += ["", text]
+                seeds[f"{dataset}: {first} vs {second}"] = paired
+        if seeds:
+            plot_seeds(seeds, args.results / f"seeds-{dataset}.png")
         plot_change(runs, dataset, args.results / f"change-{dataset}.png")
     plot_curves(runs, args.results / "curves.png")
     (args.results / "report.md").write_text("\n".join(lines) + "\n")
