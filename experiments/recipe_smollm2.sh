@@ -25,9 +25,8 @@
 #   res16-mat-slow-kl: res16-mat-slow + recipe16-kl's KL
 #   pause16-seed1: pause16 with another training seed (soft tokens, augmentation points), the same data: how far two
 #   trainings of one recipe differ, to read the paired differences between recipes against (prose only);
-#   pause16-seed2, res16-mat-slow-seed1, res16-mat-slow-seed2: more seeds of both, to compare the recipes across
-#   trainings (prose only; recipe_report.py's SEEDS)
-#   pause16-kl: pause16 with recipe16-kl's KL, the pause baseline trained with the default's loss
+#   pause16-seed2, res16-mat-slow-seed1: more seeds of both, to compare the recipes across trainings (prose only;
+#   recipe_report.py's SEEDS)
 #   recipe4-kl: recipe16-kl at N_L 4 with the same 500 steps (the target: N_L 16 at least as good as N_L 4)
 # The eval column: full = prose and WikiText-2, prose = prose only, ablation = prose with ABLATION_TOKENS.
 # Evaluation: perplexity of the k-th token (k = 1..32) after latents inserted every 16th token, with and
@@ -80,9 +79,7 @@ res16-mat-lr3e-5 coprocessor 16 500 token true vocab 3e-5 1e-2 full --coprocesso
 res16-mat-slow-kl coprocessor 16 500 token true vocab 1e-4 1e-2 full --coprocessor.latent_residual true --coprocessor.latent_residual_matrix true --train.kl_to_base 1.0 --train.kl_anneal_steps 1000
 pause16-seed1 pause 16 500 token true vocab 1e-3 1e-2 prose --train.seed 1
 pause16-seed2 pause 16 500 token true vocab 1e-3 1e-2 prose --train.seed 2
-res16-mat-slow-seed1 coprocessor 16 500 token true vocab 1e-4 1e-2 prose --coprocessor.latent_residual true --coprocessor.latent_residual_matrix true --train.seed 1
-res16-mat-slow-seed2 coprocessor 16 500 token true vocab 1e-4 1e-2 prose --coprocessor.latent_residual true --coprocessor.latent_residual_matrix true --train.seed 2
-pause16-kl pause 16 500 token true vocab 1e-3 1e-2 full --train.kl_to_base 1.0 --train.kl_anneal_steps 1000"
+res16-mat-slow-seed1 coprocessor 16 500 token true vocab 1e-4 1e-2 prose --coprocessor.latent_residual true --coprocessor.latent_residual_matrix true --train.seed 1"
 
 while read -r name method latents steps readout gate init lr ilr eval extra; do
     if [ -n "$RUNS_ONLY" ] && [[ " $RUNS_ONLY " != *" $name "* ]]; then continue; fi
