@@ -42,7 +42,9 @@ def test_augment_from_cache_equals_augment_from_ids(arch):
         via_cache = lm.augment(cache=lm.prefill(prompt).cache)
         in_two_parts = lm.augment(prompt[:, 6:], cache=lm.prefill(prompt[:, :6]).cache)
     torch.testing.assert_close(direct.logits, via_cache.logits, rtol=0, atol=0)
-    torch.testing.assert_close(direct.logits, in_two_parts.logits, rtol=1e-5, atol=1e-5)
+    # the prefill in two parts sums attention in another order: on one VM of this kind llama's fp32 logits
+    # differed by 1.2e-5 (2026-12-02), far below what a wrong cache or position would move them
+    torch.testing.assert_close(direct.logits, in_two_parts.logits, rtol=5e-5, atol=5e-5)
 
 
 def test_augmentation_changes_the_prediction():
