@@ -27,6 +27,9 @@
 #   trainings of one recipe differ, to read the paired differences between recipes against (prose only);
 #   pause16-seed2, res16-mat-slow-seed1: more seeds of both, to compare the recipes across trainings (prose only;
 #   recipe_report.py's SEEDS)
+#   pause16-kl: pause16 trained with recipe16-kl's KL, the pause baseline with the default's loss
+#   res16-mat-slow-klc: res16-mat-slow-kl with the KL weight constant at 1.0 (kl_anneal_steps null), a steadier pull
+#   toward the base out of domain
 #   recipe4-kl: recipe16-kl at N_L 4 with the same 500 steps (the target: N_L 16 at least as good as N_L 4)
 # The eval column: full = prose and WikiText-2, prose = prose only, ablation = prose with ABLATION_TOKENS.
 # Evaluation: perplexity of the k-th token (k = 1..32) after latents inserted every 16th token, with and
@@ -79,7 +82,9 @@ res16-mat-lr3e-5 coprocessor 16 500 token true vocab 3e-5 1e-2 full --coprocesso
 res16-mat-slow-kl coprocessor 16 500 token true vocab 1e-4 1e-2 full --coprocessor.latent_residual true --coprocessor.latent_residual_matrix true --train.kl_to_base 1.0 --train.kl_anneal_steps 1000
 pause16-seed1 pause 16 500 token true vocab 1e-3 1e-2 prose --train.seed 1
 pause16-seed2 pause 16 500 token true vocab 1e-3 1e-2 prose --train.seed 2
-res16-mat-slow-seed1 coprocessor 16 500 token true vocab 1e-4 1e-2 prose --coprocessor.latent_residual true --coprocessor.latent_residual_matrix true --train.seed 1"
+res16-mat-slow-seed1 coprocessor 16 500 token true vocab 1e-4 1e-2 prose --coprocessor.latent_residual true --coprocessor.latent_residual_matrix true --train.seed 1
+pause16-kl pause 16 500 token true vocab 1e-3 1e-2 full --train.kl_to_base 1.0 --train.kl_anneal_steps 1000
+res16-mat-slow-klc coprocessor 16 500 token true vocab 1e-4 1e-2 full --coprocessor.latent_residual true --coprocessor.latent_residual_matrix true --train.kl_to_base 1.0 --train.kl_anneal_steps null"
 
 while read -r name method latents steps readout gate init lr ilr eval extra; do
     if [ -n "$RUNS_ONLY" ] && [[ " $RUNS_ONLY " != *" $name "* ]]; then continue; fi
@@ -137,7 +142,7 @@ fi
 
 # ---------------------------------------------------------------- how far r opened in the latent_residual runs
 residual=()
-for name in res16 res16-kl res16-r1 res16-r1-lora res16-r1-slow res16-mat res16-mat-slow res16-mat-lr3e-5 res16-mat-slow-kl; do
+for name in res16 res16-kl res16-r1 res16-r1-lora res16-r1-slow res16-mat res16-mat-slow res16-mat-lr3e-5 res16-mat-slow-kl res16-mat-slow-seed1 res16-mat-slow-klc; do
     final=$RUNS/$name/step-$(printf %06d "$(python -c "print(max(2, round(500 * $STEPS_SCALE)))")")
     if [ -d "$final" ]; then residual+=("$name=$final"); fi
 done
