@@ -26,14 +26,20 @@ PAIRS = (
     ("recipe16-kl", "recipe4-kl"), ("res16-mat", "res16"), ("res16-mat-slow", "res16"),
     ("res16-mat-lr3e-5", "res16-mat-slow"), ("res16-mat-slow-kl", "res16-mat-slow"), ("res16-mat-slow-kl", "recipe16-kl"),
     ("pause16-seed1", "pause16"), ("res16-mat-slow", "pause16-seed1"),
+    # the KL runs against the pause baseline trained with the same KL
+    ("pause16-kl", "pause16"), ("recipe16-kl", "pause16-kl"), ("res16-mat-slow-kl", "pause16-kl"),
+    ("res16-mat-slow-klc", "pause16-kl"), ("res16-mat-slow-klc", "res16-mat-slow-kl"), ("res16-mat-slow-klc", "recipe16-kl"),
 )
 
 # trainings of one recipe that differ only in the training seed (soft-token init, augmentation points): recipe -> runs
 SEEDS = {
     "pause16": ("pause16", "pause16-seed1", "pause16-seed2"),
     "res16-mat-slow": ("res16-mat-slow", "res16-mat-slow-seed1"),
+    "recipe16-kl": ("recipe16-kl", "recipe16-kl-seed1"),
+    "pause16-kl": ("pause16-kl", "pause16-kl-seed1"),
 }
-SEED_PAIRS = (("res16-mat-slow", "pause16"),)  # (recipe, the recipe it is compared with), across their seeds
+# (recipe, the recipe it is compared with), across their seeds
+SEED_PAIRS = (("res16-mat-slow", "pause16"), ("recipe16-kl", "pause16-kl"))
 
 
 def _coprocessor(run: dict) -> dict:
@@ -71,7 +77,7 @@ def describe(run: dict) -> str:
     ]
     if train.get("kl_to_base"):
         parts.append(f"KL to the base {train['kl_to_base']}" + (
-            f" annealed to 0 over {train['kl_anneal_steps']} steps" if train.get("kl_anneal_steps") else ""))
+            f" annealed to 0 over {train['kl_anneal_steps']} steps" if train.get("kl_anneal_steps") else " (constant)"))
     return ", ".join(parts)
 
 

@@ -30,6 +30,8 @@
 #   pause16-kl: pause16 trained with recipe16-kl's KL, the pause baseline with the default's loss
 #   res16-mat-slow-klc: res16-mat-slow-kl with the KL weight constant at 1.0 (kl_anneal_steps null), a steadier pull
 #   toward the base out of domain
+#   pause16-kl-seed1, recipe16-kl-seed1: a second seed of each, to compare the default with the pause baseline across
+#   trainings on both test sets (recipe_report.py's SEEDS)
 #   recipe4-kl: recipe16-kl at N_L 4 with the same 500 steps (the target: N_L 16 at least as good as N_L 4)
 # The eval column: full = prose and WikiText-2, prose = prose only, ablation = prose with ABLATION_TOKENS.
 # Evaluation: perplexity of the k-th token (k = 1..32) after latents inserted every 16th token, with and
@@ -84,7 +86,9 @@ pause16-seed1 pause 16 500 token true vocab 1e-3 1e-2 prose --train.seed 1
 pause16-seed2 pause 16 500 token true vocab 1e-3 1e-2 prose --train.seed 2
 res16-mat-slow-seed1 coprocessor 16 500 token true vocab 1e-4 1e-2 prose --coprocessor.latent_residual true --coprocessor.latent_residual_matrix true --train.seed 1
 pause16-kl pause 16 500 token true vocab 1e-3 1e-2 full --train.kl_to_base 1.0 --train.kl_anneal_steps 1000
-res16-mat-slow-klc coprocessor 16 500 token true vocab 1e-4 1e-2 full --coprocessor.latent_residual true --coprocessor.latent_residual_matrix true --train.kl_to_base 1.0 --train.kl_anneal_steps null"
+res16-mat-slow-klc coprocessor 16 500 token true vocab 1e-4 1e-2 full --coprocessor.latent_residual true --coprocessor.latent_residual_matrix true --train.kl_to_base 1.0 --train.kl_anneal_steps null
+pause16-kl-seed1 pause 16 500 token true vocab 1e-3 1e-2 full --train.kl_to_base 1.0 --train.kl_anneal_steps 1000 --train.seed 1
+recipe16-kl-seed1 coprocessor 16 500 token true vocab 3e-4 1e-2 full --train.kl_to_base 1.0 --train.kl_anneal_steps 1000 --train.seed 1"
 
 while read -r name method latents steps readout gate init lr ilr eval extra; do
     if [ -n "$RUNS_ONLY" ] && [[ " $RUNS_ONLY " != *" $name "* ]]; then continue; fi

@@ -2,6 +2,9 @@
 
     python experiments/residual_stats.py --out results/recipe-smollm2/residual.json NAME=CKPT [NAME=CKPT ...]
 
+An existing --out is updated, not replaced: runs named again are recomputed, the others kept (their checkpoints
+may be gone), and the earlier files' provenance is kept under "earlier_provenance".
+
 The latents are soft tokens + r x (coprocessor output at the embedding scale). For a scalar r this prints r;
 for an (H, H) matrix (latent_residual_matrix) its largest singular values and its RMS gain ||r||_F / sqrt(H),
 the factor by which it scales an input of random direction: both 0 mean the pause baseline, 1 the skip connection.
@@ -10,6 +13,7 @@ the factor by which it scales an input of random direction: both 0 mean the paus
 from __future__ import annotations
 
 import argparse
+import json
 import math
 from pathlib import Path
 
@@ -49,14 +53,16 @@ def main() -> None:
     parser.add_argument("checkpoints", nargs="+", help="NAME=CKPT: a run's name and its checkpoint folder")
     parser.add_argument("--out", type=Path, required=True)
     args = parser.parse_args()
-    runs = {}
+    earlier = json.loads(args.out.read_text()) if args.out.is_file() else {}
+    runs = dict(earlier.get("runs", {}))
     for item in args.checkpoints:
         name, sep, path = item.partition("=")
         if not sep or not Path(path, "coprocessor.safetensors").is_file():
             parser.error(f"expected NAME=CKPT with CKPT/coprocessor.safetensors, got {item!r}")
         runs[name] = stats(Path(path))
         print(name, runs[name])
-    write_json(args.out, {"runs": runs})
+    kept = earlier.get("earlier_provenance", []) + ([earlier["provenance"]] if "provenance" in earlier else [])
+    write_json(args.out, {"runs": runs, **({"earlier_provenance": kept} if kept else {})})
 
 
 if __name__ == "__main__":
