@@ -255,7 +255,10 @@ def test_a_full_queue_answers_503_and_a_disconnect_frees_the_row(model):
     with BackgroundServer(app) as server, httpx.Client(base_url=server.url, timeout=30) as http:
         with http.stream("POST", "/v1/completions", json=long) as stream:
             assert stream.status_code == 200
-            next(stream.iter_lines())  # decoding: the only row is taken
+            # decoding: the only row is taken. The iterator is kept: a discarded one is closed at once, and with it
+            # the connection, so the server would see a disconnect and free the row before the next request
+            lines = stream.iter_lines()
+            next(lines)
             busy = http.post("/v1/completions", json={"prompt": "me too", "max_tokens": 2})
             assert busy.status_code == 503 and busy.headers["retry-after"] == "1"
             assert "busy" in busy.json()["error"]["message"]
