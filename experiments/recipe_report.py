@@ -29,6 +29,9 @@ PAIRS = (
     # the KL runs against the pause baseline trained with the same KL
     ("pause16-kl", "pause16"), ("recipe16-kl", "pause16-kl"), ("res16-mat-slow-kl", "pause16-kl"),
     ("res16-mat-slow-klc", "pause16-kl"), ("res16-mat-slow-klc", "res16-mat-slow-kl"), ("res16-mat-slow-klc", "recipe16-kl"),
+    ("recipe16-kl-slow", "recipe16-kl"), ("recipe16-kl-slow", "pause16-kl"),
+    # twice the training: the gap at 1000 steps, and what the second 500 steps add to each
+    ("recipe16-kl-1k", "pause16-kl-1k"), ("recipe16-kl-1k", "recipe16-kl"), ("pause16-kl-1k", "pause16-kl"),
 )
 
 # trainings of one recipe that differ only in the training seed (soft-token init, augmentation points): recipe -> runs
@@ -37,9 +40,11 @@ SEEDS = {
     "res16-mat-slow": ("res16-mat-slow", "res16-mat-slow-seed1"),
     "recipe16-kl": ("recipe16-kl", "recipe16-kl-seed1"),
     "pause16-kl": ("pause16-kl", "pause16-kl-seed1"),
+    "recipe16-kl-slow": ("recipe16-kl-slow", "recipe16-kl-slow-seed1"),
 }
 # (recipe, the recipe it is compared with), across their seeds
-SEED_PAIRS = (("res16-mat-slow", "pause16"), ("recipe16-kl", "pause16-kl"))
+SEED_PAIRS = (("res16-mat-slow", "pause16"), ("recipe16-kl", "pause16-kl"), ("recipe16-kl-slow", "pause16-kl"),
+              ("recipe16-kl-slow", "recipe16-kl"))
 
 
 def _coprocessor(run: dict) -> dict:

@@ -34,6 +34,9 @@
 #   trainings on both test sets (recipe_report.py's SEEDS)
 #   recipe16-kl-slow, recipe16-kl-slow-seed1: recipe16-kl with the body at lr 1e-4 (two seeds), the body lr that
 #   helped res16-r1 and the matrix by 0.7-0.8 points in domain, about recipe16-kl's gap to pause16-kl
+#   recipe16-kl-1k, pause16-kl-1k: recipe16-kl and pause16-kl trained twice as long (1000 steps, the KL annealed to 0
+#   at the last step; over the 40-minute budget): whether the coprocessor's in-domain gap to the pause tokens shrinks
+#   with training
 #   recipe4-kl: recipe16-kl at N_L 4 with the same 500 steps (the target: N_L 16 at least as good as N_L 4)
 # The eval column: full = prose and WikiText-2, prose = prose only, ablation = prose with ABLATION_TOKENS.
 # Evaluation: perplexity of the k-th token (k = 1..32) after latents inserted every 16th token, with and
@@ -92,7 +95,9 @@ res16-mat-slow-klc coprocessor 16 500 token true vocab 1e-4 1e-2 full --coproces
 pause16-kl-seed1 pause 16 500 token true vocab 1e-3 1e-2 full --train.kl_to_base 1.0 --train.kl_anneal_steps 1000 --train.seed 1
 recipe16-kl-seed1 coprocessor 16 500 token true vocab 3e-4 1e-2 full --train.kl_to_base 1.0 --train.kl_anneal_steps 1000 --train.seed 1
 recipe16-kl-slow coprocessor 16 500 token true vocab 1e-4 1e-2 full --train.kl_to_base 1.0 --train.kl_anneal_steps 1000
-recipe16-kl-slow-seed1 coprocessor 16 500 token true vocab 1e-4 1e-2 full --train.kl_to_base 1.0 --train.kl_anneal_steps 1000 --train.seed 1"
+recipe16-kl-slow-seed1 coprocessor 16 500 token true vocab 1e-4 1e-2 full --train.kl_to_base 1.0 --train.kl_anneal_steps 1000 --train.seed 1
+recipe16-kl-1k coprocessor 16 1000 token true vocab 3e-4 1e-2 full --train.kl_to_base 1.0 --train.kl_anneal_steps 1000
+pause16-kl-1k pause 16 1000 token true vocab 1e-3 1e-2 full --train.kl_to_base 1.0 --train.kl_anneal_steps 1000"
 
 while read -r name method latents steps readout gate init lr ilr eval extra; do
     if [ -n "$RUNS_ONLY" ] && [[ " $RUNS_ONLY " != *" $name "* ]]; then continue; fi
