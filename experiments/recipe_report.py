@@ -40,7 +40,7 @@ SEEDS = {
     "pause16": ("pause16", "pause16-seed1", "pause16-seed2"),
     "res16-mat-slow": ("res16-mat-slow", "res16-mat-slow-seed1"),
     "recipe16-kl": ("recipe16-kl", "recipe16-kl-seed1", "recipe16-kl-seed2"),
-    "pause16-kl": ("pause16-kl", "pause16-kl-seed1"),
+    "pause16-kl": ("pause16-kl", "pause16-kl-seed1", "pause16-kl-seed2"),
     "recipe16-kl-slow": ("recipe16-kl-slow", "recipe16-kl-slow-seed1"),
 }
 # (recipe, the recipe it is compared with), across their seeds

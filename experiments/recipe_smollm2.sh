@@ -32,7 +32,8 @@
 #   toward the base out of domain
 #   pause16-kl-seed1, recipe16-kl-seed1: a second seed of each, to compare the default with the pause baseline across
 #   trainings on both test sets (recipe_report.py's SEEDS)
-#   recipe16-kl-seed2: a third seed of the default (is its WikiText-2 upper end under +0.5% in most trainings?)
+#   recipe16-kl-seed2, pause16-kl-seed2: a third seed of the default (is its WikiText-2 upper end under +0.5% in most
+#   trainings?) and of pause16-kl, three against three
 #   recipe16-kl-slow, recipe16-kl-slow-seed1: recipe16-kl with the body at lr 1e-4 (two seeds), the body lr that
 #   helped res16-r1 and the matrix by 0.7-0.8 points in domain, about recipe16-kl's gap to pause16-kl
 #   recipe16-kl-1k, pause16-kl-1k: recipe16-kl and pause16-kl trained twice as long (1000 steps, the KL annealed to 0
@@ -99,7 +100,8 @@ recipe16-kl-slow coprocessor 16 500 token true vocab 1e-4 1e-2 full --train.kl_t
 recipe16-kl-slow-seed1 coprocessor 16 500 token true vocab 1e-4 1e-2 full --train.kl_to_base 1.0 --train.kl_anneal_steps 1000 --train.seed 1
 recipe16-kl-1k coprocessor 16 1000 token true vocab 3e-4 1e-2 full --train.kl_to_base 1.0 --train.kl_anneal_steps 1000
 pause16-kl-1k pause 16 1000 token true vocab 1e-3 1e-2 full --train.kl_to_base 1.0 --train.kl_anneal_steps 1000
-recipe16-kl-seed2 coprocessor 16 500 token true vocab 3e-4 1e-2 full --train.kl_to_base 1.0 --train.kl_anneal_steps 1000 --train.seed 2"
+recipe16-kl-seed2 coprocessor 16 500 token true vocab 3e-4 1e-2 full --train.kl_to_base 1.0 --train.kl_anneal_steps 1000 --train.seed 2
+pause16-kl-seed2 pause 16 500 token true vocab 1e-3 1e-2 full --train.kl_to_base 1.0 --train.kl_anneal_steps 1000 --train.seed 2"
 
 while read -r name method latents steps readout gate init lr ilr eval extra; do
     if [ -n "$RUNS_ONLY" ] && [[ " $RUNS_ONLY " != *" $name "* ]]; then continue; fi
