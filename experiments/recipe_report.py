@@ -125,25 +125,28 @@ def table(runs: list[dict], dataset: str) -> str:
     rows = [r for r in runs if dataset in r["evals"]]
     offsets = " | ".join(f"k={k}" for k in OFFSETS)
     lines = [
-        f"| run | steps | train s (median s/step) | points/offset | {offsets} | k=1..32 | worst k (upper 95%) |",
-        "|---|---:|---:|---:|" + "---:|" * len(OFFSETS) + "---:|---:|",
+        (f"| run | steps | train s (median s/step) | points/offset | {offsets} | k=1..32 | worst k (upper 95%) "
+         "| worst k (point) | offsets below the base |"),
+        "|---|---:|---:|---:|" + "---:|" * len(OFFSETS) + "---:|---:|---:|---:|",
     ]
     for run in rows:
         result = run["evals"][dataset]
         steps, seconds, median = train_steps_and_seconds(run)
         cells = " | ".join(cell(result, k - 1) for k in OFFSETS if k <= len(result["nll_augmented"]))
         interval = result.get("relative_change_ci95") or {}
+        changes = result["relative_change_percent"]
+        worst_point = max(range(len(changes)), key=changes.__getitem__)
+        point_cell = f"k={worst_point + 1}: {changes[worst_point]:+.1f}%"
         if interval:
             uppers = [high for _, high in interval["by_offset"]]
             worst = max(range(len(uppers)), key=uppers.__getitem__)
             worst_cell = f"k={worst + 1}: {uppers[worst]:+.1f}%"
         else:
-            worst = max(range(len(result["relative_change_percent"])), key=result["relative_change_percent"].__getitem__)
-            worst_cell = f"k={worst + 1}: {result['relative_change_percent'][worst]:+.1f}% (no interval)"
+            worst_cell = f"{point_cell} (no interval)"
         points = result["tokens_by_offset"][0]
         lines.append(
             f"| {run['label']} | {steps or '-'} | {f'{seconds:.0f} ({median:.2f})' if seconds else '-'} | {points} | {cells} "
-            f"| {overall_cell(result)} | {worst_cell} |"
+            f"| {overall_cell(result)} | {worst_cell} | {point_cell} | {sum(c < 0 for c in changes)} of {len(changes)} |"
         )
     return "\n".join(lines)
 

@@ -32,13 +32,13 @@
 #   toward the base out of domain
 #   pause16-kl-seed1, recipe16-kl-seed1: a second seed of each, to compare the default with the pause baseline across
 #   trainings on both test sets (recipe_report.py's SEEDS)
-#   recipe16-kl-seed2, pause16-kl-seed2: a third seed of the default (is its WikiText-2 upper end under +0.5% in most
-#   trainings?) and of pause16-kl, three against three
 #   recipe16-kl-slow, recipe16-kl-slow-seed1: recipe16-kl with the body at lr 1e-4 (two seeds), the body lr that
 #   helped res16-r1 and the matrix by 0.7-0.8 points in domain, about recipe16-kl's gap to pause16-kl
 #   recipe16-kl-1k, pause16-kl-1k: recipe16-kl and pause16-kl trained twice as long (1000 steps, the KL annealed to 0
 #   at the last step; over the 40-minute budget): whether the coprocessor's in-domain gap to the pause tokens shrinks
 #   with training
+#   recipe16-kl-seed2, pause16-kl-seed2: a third seed of the default (is its WikiText-2 upper end under +0.5% in most
+#   trainings?) and of pause16-kl, three against three
 #   recipe4-kl: recipe16-kl at N_L 4 with the same 500 steps (the target: N_L 16 at least as good as N_L 4)
 # The eval column: full = prose and WikiText-2, prose = prose only, ablation = prose with ABLATION_TOKENS.
 # Evaluation: perplexity of the k-th token (k = 1..32) after latents inserted every 16th token, with and
