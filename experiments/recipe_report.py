@@ -33,6 +33,9 @@ PAIRS = (
     # twice the training: what the second 500 steps add to each (recipe16-kl-1k vs pause16-kl-1k comes with every
     # coprocessor run against the pause run of its step count)
     ("recipe16-kl-1k", "recipe16-kl"), ("pause16-kl-1k", "pause16-kl"),
+    # twice the augmentation points per sequence (16, the paper's density): what they add to each, and the two
+    # against each other
+    ("recipe16-kl-p16", "recipe16-kl"), ("pause16-kl-p16", "pause16-kl"), ("recipe16-kl-p16", "pause16-kl-p16"),
 )
 
 # trainings of one recipe that differ only in the training seed (soft-token init, augmentation points): recipe -> runs
@@ -80,6 +83,8 @@ def describe(run: dict) -> str:
             f"r = {coprocessor.get('latent_residual_init', 0):g} at start)")]
           if coprocessor.get("latent_residual") else []),
         f"lr {train.get('lr')}" + (f", interface {train['interface_lr']}" if train.get("interface_lr") else ""),
+        # every run has 8 points per sequence unless its row says otherwise
+        *([f"{coprocessor['num_points']} points per sequence"] if coprocessor.get("num_points", 8) != 8 else []),
     ]
     if train.get("kl_to_base"):
         parts.append(f"KL to the base {train['kl_to_base']}" + (
