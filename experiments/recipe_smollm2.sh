@@ -42,6 +42,8 @@
 #   recipe16-kl-p16, pause16-kl-p16: recipe16-kl and pause16-kl with 16 augmentation points per sequence instead of 8
 #   (one every 16 tokens, the paper's density; the same tokens, twice the scored windows per step): whether the
 #   coprocessor, with 106M parameters to train against the pause tokens' 9.5k, gains more from the denser signal
+#   recipe16-kl-fast: recipe16-kl with the body at lr 1e-3, 3x the default's (the slow runs, 3x below, were worse on
+#   both sets)
 #   recipe4-kl: recipe16-kl at N_L 4 with the same 500 steps (the target: N_L 16 at least as good as N_L 4)
 # The eval column: full = prose and WikiText-2, prose = prose only, ablation = prose with ABLATION_TOKENS.
 # Evaluation: perplexity of the k-th token (k = 1..32) after latents inserted every 16th token, with and
@@ -106,7 +108,8 @@ pause16-kl-1k pause 16 1000 token true vocab 1e-3 1e-2 full --train.kl_to_base 1
 recipe16-kl-seed2 coprocessor 16 500 token true vocab 3e-4 1e-2 full --train.kl_to_base 1.0 --train.kl_anneal_steps 1000 --train.seed 2
 pause16-kl-seed2 pause 16 500 token true vocab 1e-3 1e-2 full --train.kl_to_base 1.0 --train.kl_anneal_steps 1000 --train.seed 2
 recipe16-kl-p16 coprocessor 16 500 token true vocab 3e-4 1e-2 full --train.kl_to_base 1.0 --train.kl_anneal_steps 1000 --coprocessor.num_points 16
-pause16-kl-p16 pause 16 500 token true vocab 1e-3 1e-2 full --train.kl_to_base 1.0 --train.kl_anneal_steps 1000 --coprocessor.num_points 16"
+pause16-kl-p16 pause 16 500 token true vocab 1e-3 1e-2 full --train.kl_to_base 1.0 --train.kl_anneal_steps 1000 --coprocessor.num_points 16
+recipe16-kl-fast coprocessor 16 500 token true vocab 1e-3 1e-2 full --train.kl_to_base 1.0 --train.kl_anneal_steps 1000"
 
 while read -r name method latents steps readout gate init lr ilr eval extra; do
     if [ -n "$RUNS_ONLY" ] && [[ " $RUNS_ONLY " != *" $name "* ]]; then continue; fi
