@@ -44,6 +44,8 @@
 #   coprocessor, with 106M parameters to train against the pause tokens' 9.5k, gains more from the denser signal
 #   recipe16-kl-fast: recipe16-kl with the body at lr 1e-3, 3x the default's (the slow runs, 3x below, were worse on
 #   both sets)
+#   res16-mat-slow-kl03: res16-mat-slow with a weaker KL (0.3, annealed to 0 at step 1000): can the recipe that beats
+#   pause16 in domain keep that lead and still pass WikiText-2?
 #   recipe4-kl: recipe16-kl at N_L 4 with the same 500 steps (the target: N_L 16 at least as good as N_L 4)
 # The eval column: full = prose and WikiText-2, prose = prose only, ablation = prose with ABLATION_TOKENS.
 # Evaluation: perplexity of the k-th token (k = 1..32) after latents inserted every 16th token, with and
@@ -109,7 +111,8 @@ recipe16-kl-seed2 coprocessor 16 500 token true vocab 3e-4 1e-2 full --train.kl_
 pause16-kl-seed2 pause 16 500 token true vocab 1e-3 1e-2 full --train.kl_to_base 1.0 --train.kl_anneal_steps 1000 --train.seed 2
 recipe16-kl-p16 coprocessor 16 500 token true vocab 3e-4 1e-2 full --train.kl_to_base 1.0 --train.kl_anneal_steps 1000 --coprocessor.num_points 16
 pause16-kl-p16 pause 16 500 token true vocab 1e-3 1e-2 full --train.kl_to_base 1.0 --train.kl_anneal_steps 1000 --coprocessor.num_points 16
-recipe16-kl-fast coprocessor 16 500 token true vocab 1e-3 1e-2 full --train.kl_to_base 1.0 --train.kl_anneal_steps 1000"
+recipe16-kl-fast coprocessor 16 500 token true vocab 1e-3 1e-2 full --train.kl_to_base 1.0 --train.kl_anneal_steps 1000
+res16-mat-slow-kl03 coprocessor 16 500 token true vocab 1e-4 1e-2 full --coprocessor.latent_residual true --coprocessor.latent_residual_matrix true --train.kl_to_base 0.3 --train.kl_anneal_steps 1000"
 
 while read -r name method latents steps readout gate init lr ilr eval extra; do
     if [ -n "$RUNS_ONLY" ] && [[ " $RUNS_ONLY " != *" $name "* ]]; then continue; fi
