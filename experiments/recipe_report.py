@@ -3,7 +3,8 @@
     python experiments/recipe_report.py results/recipe-smollm2 [--paper250 results/prose-smollm2/nl16]
 
 Reads every RUN/perplexity-*.json (written by `cacheaug eval perplexity`) and RUN/metrics.jsonl (written by
-`cacheaug train`) under the results folder; writes report.md, change-<data>.png and curves.png there.
+`cacheaug train`) under the results folder; writes report.md, change-<data>.png and curves.png there (every run),
+and change-<data>-<group>.png and curves-<group>.png for each group of GROUPS (a few runs each, readable).
 """
 
 from __future__ import annotations
@@ -27,25 +28,46 @@ PAIRS = (
     ("res16-mat-lr3e-5", "res16-mat-slow"), ("res16-mat-slow-kl", "res16-mat-slow"), ("res16-mat-slow-kl", "recipe16-kl"),
     ("pause16-seed1", "pause16"), ("res16-mat-slow", "pause16-seed1"),
     # the KL runs against the pause baseline trained with the same KL
-    ("pause16-kl", "pause16"), ("recipe16-kl", "pause16-kl"), ("res16-mat-slow-kl", "pause16-kl"),
+    ("pause16-kl", "pause16"), ("recipe16-kl", "pause16-kl"), ("res16-kl", "pause16-kl"), ("res16-mat-slow-kl", "pause16-kl"),
     ("res16-mat-slow-klc", "pause16-kl"), ("res16-mat-slow-klc", "res16-mat-slow-kl"), ("res16-mat-slow-klc", "recipe16-kl"),
     ("recipe16-kl-slow", "recipe16-kl"), ("recipe16-kl-slow", "pause16-kl"),
+    ("recipe16-kl-fast", "recipe16-kl"), ("recipe16-kl-fast", "pause16-kl"),
     # twice the training: what the second 500 steps add to each (recipe16-kl-1k vs pause16-kl-1k comes with every
     # coprocessor run against the pause run of its step count)
     ("recipe16-kl-1k", "recipe16-kl"), ("pause16-kl-1k", "pause16-kl"),
     # twice the augmentation points per sequence (16, the paper's density): what they add to each, and the two
     # against each other
     ("recipe16-kl-p16", "recipe16-kl"), ("pause16-kl-p16", "pause16-kl"), ("recipe16-kl-p16", "pause16-kl-p16"),
+    # a weaker KL on the matrix residual: against itself with no KL and with the full KL, and against pause16-kl
+    ("res16-mat-slow-kl03", "res16-mat-slow"), ("res16-mat-slow-kl03", "res16-mat-slow-kl"),
+    ("res16-mat-slow-kl03", "pause16-kl"),
 )
 
 # trainings of one recipe that differ only in the training seed (soft-token init, augmentation points): recipe -> runs
 SEEDS = {
     "pause16": ("pause16", "pause16-seed1", "pause16-seed2"),
     "res16-mat-slow": ("res16-mat-slow", "res16-mat-slow-seed1"),
-    "recipe16-kl": ("recipe16-kl", "recipe16-kl-seed1", "recipe16-kl-seed2"),
+    "recipe16-kl": ("recipe16-kl", "recipe16-kl-seed1", "recipe16-kl-seed2", "recipe16-kl-seed3"),
     "pause16-kl": ("pause16-kl", "pause16-kl-seed1", "pause16-kl-seed2"),
     "recipe16-kl-slow": ("recipe16-kl-slow", "recipe16-kl-slow-seed1"),
 }
+# runs plotted together (change-<data>-<group>.png, curves-<group>.png); the all-run plots overlay 30 lines
+GROUPS = {
+    # the paper's layout, one change at a time to the recipe, N_L, and the pause baseline (250-500 steps, no KL)
+    "recipe": ("paper16-250 (prose-smollm2)", "paper4-250 (prose-smollm2)", "token16", "gate16", "recipe16-step250",
+               "recipe16", "recipe4", "recipe64", "pause16"),
+    # the default (recipe16-kl) and pause16-kl over their seeds, and recipe4-kl for the N_L target
+    "default": ("recipe16-kl", "recipe16-kl-seed1", "recipe16-kl-seed2", "recipe16-kl-seed3", "pause16-kl",
+                "pause16-kl-seed1", "pause16-kl-seed2", "recipe4-kl"),
+    # the default and pause16-kl changed one way each: body lr, twice the steps, twice the points
+    "default-variants": ("recipe16-kl", "pause16-kl", "recipe16-kl-slow", "recipe16-kl-slow-seed1", "recipe16-kl-fast",
+                         "recipe16-kl-1k", "pause16-kl-1k", "recipe16-kl-p16", "pause16-kl-p16"),
+    # latents = soft tokens + r x coprocessor, against pause16
+    "residual": ("pause16", "pause16-seed1", "pause16-seed2", "res16", "res16-kl", "res16-r1", "res16-r1-lora",
+                 "res16-r1-slow", "res16-mat", "res16-mat-slow", "res16-mat-slow-seed1", "res16-mat-lr3e-5",
+                 "res16-mat-slow-kl", "res16-mat-slow-klc", "res16-mat-slow-kl03"),
+}
+
 # (recipe, the recipe it is compared with), across their seeds
 SEED_PAIRS = (("res16-mat-slow", "pause16"), ("recipe16-kl", "pause16-kl"), ("recipe16-kl-slow", "pause16-kl"),
               ("recipe16-kl-slow", "recipe16-kl"))
@@ -231,7 +253,7 @@ def plot_seeds(comparisons: dict[str, dict], path: Path) -> None:
     plt.close(figure)
 
 
-def plot_change(runs: list[dict], dataset: str, path: Path) -> None:
+def plot_change(runs: list[dict], dataset: str, path: Path, group: str = "") -> None:
     import matplotlib
 
     matplotlib.use("Agg")
@@ -253,14 +275,15 @@ def plot_change(runs: list[dict], dataset: str, path: Path) -> None:
     axis.set_xlabel("k (token after the latents)")
     axis.set_ylabel("perplexity change vs base (%)")
     axis.set_ylim(-15, 15)
-    axis.set_title(f"{dataset}: change by offset, 95% bootstrap intervals (clipped at +/-15%)")
+    axis.set_title(f"{dataset}{' (' + group + ')' if group else ''}: change by offset, 95% bootstrap intervals "
+                   "(clipped at +/-15%)")
     axis.legend(fontsize=7)
     figure.tight_layout()
     figure.savefig(path, dpi=120)
     plt.close(figure)
 
 
-def plot_curves(runs: list[dict], path: Path) -> None:
+def plot_curves(runs: list[dict], path: Path, group: str = "") -> None:
     import matplotlib
 
     matplotlib.use("Agg")
@@ -280,7 +303,7 @@ def plot_curves(runs: list[dict], path: Path) -> None:
         axis.axhline(0, color="black", linewidth=0.8)
         axis.set_xlabel("step")
         axis.set_ylabel("validation perplexity change vs base (%)")
-        axis.set_title(f"training curve, {title} (4 validation sequences x 8 points)")
+        axis.set_title(f"{group + ': ' if group else ''}training curve, {title} (4 validation sequences x 8 points)")
         axis.set_yscale("symlog", linthresh=10)
     overall.legend(fontsize=7)
     figure.tight_layout()
@@ -330,6 +353,12 @@ def main() -> None:
             plot_seeds(seeds, args.results / f"seeds-{dataset}.png")
         plot_change(runs, dataset, args.results / f"change-{dataset}.png")
     plot_curves(runs, args.results / "curves.png")
+    for group, names in GROUPS.items():
+        members = [run for name in names for run in runs if run["name"] == name]  # in the group's order
+        for dataset in DATASETS:
+            if any(dataset in run["evals"] for run in members):
+                plot_change(members, dataset, args.results / f"change-{dataset}-{group}.png", group)
+        plot_curves(members, args.results / f"curves-{group}.png", group)
     (args.results / "report.md").write_text("\n".join(lines) + "\n")
     print("\n".join(lines))
 

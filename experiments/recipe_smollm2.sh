@@ -178,6 +178,20 @@ for name in res16 res16-kl res16-r1 res16-r1-lora res16-r1-slow res16-mat res16-
 done
 if [ ${#residual[@]} -gt 0 ]; then python experiments/residual_stats.py --out "$OUT/residual.json" "${residual[@]}"; fi
 
+# ---------------------------------------------------------------- do the latents carry their context?
+# Each sequence's own latents vs latents computed at the same points of another test sequence (context_swap.py); the
+# pause run is the control (its latents ignore the context, so swapping must change nothing).
+for name in pause16-kl-p16 recipe16-kl-p16 res16-mat-slow-kl03 recipe16-kl-seed3; do
+    final=$RUNS/$name/step-$(printf %06d "$(python -c "print(max(2, round(500 * $STEPS_SCALE)))")")
+    [ -d "$final" ] || continue
+    [ -f "$OUT/$name/context-swap-prose-test.json" ] || timed "swap-prose-$name" \
+        python experiments/context_swap.py "$final" --data "$SPLITS/test" --max-tokens "$PPL_TOKENS" \
+        --compare "$OUT/$name/perplexity-prose-test.json" --out "$OUT/$name/context-swap-prose-test.json"
+    [ -f "$OUT/$name/context-swap-wikitext2-test.json" ] || timed "swap-wikitext-$name" \
+        python experiments/context_swap.py "$final" --data "$DATA/wikitext2/test.txt" --max-tokens "$PPL_TOKENS" \
+        --compare "$OUT/$name/perplexity-wikitext2-test.json" --out "$OUT/$name/context-swap-wikitext2-test.json"
+done
+
 # ---------------------------------------------------------------- tables and plots
 python experiments/recipe_report.py "$OUT" --paper250 results/prose-smollm2/nl16 --paper250-nl4 results/prose-smollm2/nl4
 echo "done: $OUT/report.md"
