@@ -40,7 +40,7 @@ PAIRS = (
     ("recipe16-kl-p16", "recipe16-kl"), ("pause16-kl-p16", "pause16-kl"), ("recipe16-kl-p16", "pause16-kl-p16"),
     # a weaker KL on the matrix residual: against itself with no KL and with the full KL, and against pause16-kl
     ("res16-mat-slow-kl03", "res16-mat-slow"), ("res16-mat-slow-kl03", "res16-mat-slow-kl"),
-    ("res16-mat-slow-kl03", "pause16-kl"),
+    ("res16-mat-slow-kl03", "pause16-kl"), ("res16-mat-slow-kl03", "pause16-kl03"), ("pause16-kl03", "pause16"),
 )
 
 # trainings of one recipe that differ only in the training seed (soft-token init, augmentation points): recipe -> runs
@@ -50,6 +50,7 @@ SEEDS = {
     "recipe16-kl": ("recipe16-kl", "recipe16-kl-seed1", "recipe16-kl-seed2", "recipe16-kl-seed3"),
     "pause16-kl": ("pause16-kl", "pause16-kl-seed1", "pause16-kl-seed2"),
     "recipe16-kl-slow": ("recipe16-kl-slow", "recipe16-kl-slow-seed1"),
+    "res16-mat-slow-kl03": ("res16-mat-slow-kl03", "res16-mat-slow-kl03-seed1"),
 }
 # runs plotted together (change-<data>-<group>.png, curves-<group>.png); the all-run plots overlay 30 lines
 GROUPS = {
@@ -65,12 +66,14 @@ GROUPS = {
     # latents = soft tokens + r x coprocessor, against pause16
     "residual": ("pause16", "pause16-seed1", "pause16-seed2", "res16", "res16-kl", "res16-r1", "res16-r1-lora",
                  "res16-r1-slow", "res16-mat", "res16-mat-slow", "res16-mat-slow-seed1", "res16-mat-lr3e-5",
-                 "res16-mat-slow-kl", "res16-mat-slow-klc", "res16-mat-slow-kl03"),
+                 "res16-mat-slow-kl", "res16-mat-slow-klc", "res16-mat-slow-kl03", "res16-mat-slow-kl03-seed1",
+                 "pause16-kl03"),
 }
 
 # (recipe, the recipe it is compared with), across their seeds
 SEED_PAIRS = (("res16-mat-slow", "pause16"), ("recipe16-kl", "pause16-kl"), ("recipe16-kl-slow", "pause16-kl"),
-              ("recipe16-kl-slow", "recipe16-kl"))
+              ("recipe16-kl-slow", "recipe16-kl"), ("res16-mat-slow-kl03", "pause16"),
+              ("res16-mat-slow-kl03", "pause16-kl"))
 
 
 def _coprocessor(run: dict) -> dict:
