@@ -46,8 +46,8 @@
 #   both sets)
 #   res16-mat-slow-kl03: res16-mat-slow with a weaker KL (0.3, annealed to 0 at step 1000): can the recipe that beats
 #   pause16 in domain keep that lead and still pass WikiText-2?
-#   res16-mat-slow-kl03-seed1, pause16-kl03: a second seed of res16-mat-slow-kl03, and the pause baseline with the same
-#   weaker KL (is res16-mat-slow-kl03's lead over pause16 the coprocessor's, or the weaker KL's?)
+#   pause16-kl03: the pause baseline with res16-mat-slow-kl03's weaker KL (is its lead over pause16 the coprocessor's, or
+#   the weaker KL's?)
 #   recipe16-kl-seed3: a fourth seed of the default, whose checkpoint experiments/context_swap.py also reads
 #   recipe4-kl: recipe16-kl at N_L 4 with the same 500 steps (the target: N_L 16 at least as good as N_L 4)
 # The eval column: full = prose and WikiText-2, prose = prose only, ablation = prose with ABLATION_TOKENS.
@@ -117,7 +117,6 @@ pause16-kl-p16 pause 16 500 token true vocab 1e-3 1e-2 full --train.kl_to_base 1
 recipe16-kl-fast coprocessor 16 500 token true vocab 1e-3 1e-2 full --train.kl_to_base 1.0 --train.kl_anneal_steps 1000
 res16-mat-slow-kl03 coprocessor 16 500 token true vocab 1e-4 1e-2 full --coprocessor.latent_residual true --coprocessor.latent_residual_matrix true --train.kl_to_base 0.3 --train.kl_anneal_steps 1000
 recipe16-kl-seed3 coprocessor 16 500 token true vocab 3e-4 1e-2 full --train.kl_to_base 1.0 --train.kl_anneal_steps 1000 --train.seed 3
-res16-mat-slow-kl03-seed1 coprocessor 16 500 token true vocab 1e-4 1e-2 full --coprocessor.latent_residual true --coprocessor.latent_residual_matrix true --train.kl_to_base 0.3 --train.kl_anneal_steps 1000 --train.seed 1
 pause16-kl03 pause 16 500 token true vocab 1e-3 1e-2 full --train.kl_to_base 0.3 --train.kl_anneal_steps 1000"
 
 while read -r name method latents steps readout gate init lr ilr eval extra; do
@@ -184,13 +183,14 @@ if [ ${#residual[@]} -gt 0 ]; then python experiments/residual_stats.py --out "$
 
 # ---------------------------------------------------------------- do the latents carry their context?
 # Each sequence's own latents vs latents computed at the same points of another test sequence (context_swap.py); the
-# pause run is the control (its latents ignore the context, so swapping must change nothing).
+# pause run is the control (its latents ignore the context, so swapping must change nothing; prose only).
 for name in pause16-kl-p16 recipe16-kl-p16 res16-mat-slow-kl03 recipe16-kl-seed3; do
     final=$RUNS/$name/step-$(printf %06d "$(python -c "print(max(2, round(500 * $STEPS_SCALE)))")")
     [ -d "$final" ] || continue
     [ -f "$OUT/$name/context-swap-prose-test.json" ] || timed "swap-prose-$name" \
         python experiments/context_swap.py "$final" --data "$SPLITS/test" --max-tokens "$PPL_TOKENS" \
         --compare "$OUT/$name/perplexity-prose-test.json" --out "$OUT/$name/context-swap-prose-test.json"
+    [ "$name" = pause16-kl-p16 ] && continue  # the control: prose shows it
     [ -f "$OUT/$name/context-swap-wikitext2-test.json" ] || timed "swap-wikitext-$name" \
         python experiments/context_swap.py "$final" --data "$DATA/wikitext2/test.txt" --max-tokens "$PPL_TOKENS" \
         --compare "$OUT/$name/perplexity-wikitext2-test.json" --out "$OUT/$name/context-swap-wikitext2-test.json"
