@@ -49,6 +49,7 @@
 #   pause16-kl03: the pause baseline with res16-mat-slow-kl03's weaker KL (is its lead over pause16 the coprocessor's, or
 #   the weaker KL's?)
 #   recipe16-kl-seed3: a fourth seed of the default, whose checkpoint experiments/context_swap.py also reads
+#   (as it reads recipe16-kl-p16's, res16-mat-slow-kl03's and recipe16-kl-1k's)
 #   recipe4-kl: recipe16-kl at N_L 4 with the same 500 steps (the target: N_L 16 at least as good as N_L 4)
 # The eval column: full = prose and WikiText-2, prose = prose only, ablation = prose with ABLATION_TOKENS.
 # Evaluation: perplexity of the k-th token (k = 1..32) after latents inserted every 16th token, with and
@@ -184,9 +185,10 @@ if [ ${#residual[@]} -gt 0 ]; then python experiments/residual_stats.py --out "$
 # ---------------------------------------------------------------- do the latents carry their context?
 # Each sequence's own latents vs latents computed at the same points of another test sequence (context_swap.py); the
 # pause run is the control (its latents ignore the context, so swapping must change nothing; prose only).
-for name in pause16-kl-p16 recipe16-kl-p16 res16-mat-slow-kl03 recipe16-kl-seed3; do
-    final=$RUNS/$name/step-$(printf %06d "$(python -c "print(max(2, round(500 * $STEPS_SCALE)))")")
-    [ -d "$final" ] || continue
+# recipe16-kl-1k: does the context the latents carry grow with twice the training?
+for name in pause16-kl-p16 recipe16-kl-p16 res16-mat-slow-kl03 recipe16-kl-seed3 recipe16-kl-1k; do
+    [ -f "$RUNS/$name/final_eval.json" ] || continue
+    final=$(ls -d "$RUNS/$name"/step-* | tail -1)  # the last checkpoint: 500 steps, 1000 for the -1k run
     [ -f "$OUT/$name/context-swap-prose-test.json" ] || timed "swap-prose-$name" \
         python experiments/context_swap.py "$final" --data "$SPLITS/test" --max-tokens "$PPL_TOKENS" \
         --compare "$OUT/$name/perplexity-prose-test.json" --out "$OUT/$name/context-swap-prose-test.json"
