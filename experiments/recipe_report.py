@@ -5,6 +5,7 @@
 Reads every RUN/perplexity-*.json (written by `cacheaug eval perplexity`) and RUN/metrics.jsonl (written by
 `cacheaug train`) under the results folder; writes report.md, change-<data>.png and curves.png there (every run),
 and change-<data>-<group>.png and curves-<group>.png for each group of GROUPS (a few runs each, readable).
+RUN/context-swap-*.json (experiments/context_swap.py) go into one table at the end of report.md.
 """
 
 from __future__ import annotations
@@ -231,6 +232,32 @@ def seed_comparison(runs: list[dict], dataset: str, first: str, second: str) -> 
     return text, paired
 
 
+def swap_table(results: Path) -> list[str]:
+    """report.md's lines for every RUN/context-swap-<data>.json: own and swapped latents vs the base, swapped vs own."""
+    rows = []
+    for path in sorted(results.glob("*/context-swap-*.json")):
+        record = json.loads(path.read_text())
+        data = path.stem.removeprefix("context-swap-")
+        cells = []
+        for key in ("own_vs_base", "swapped_vs_base", "swapped_vs_own"):
+            r = record[key]
+            cells += [f"{r['by_offset'][0]:+.2f}% [{r['by_offset_ci'][0][0]:+.2f}, {r['by_offset_ci'][0][1]:+.2f}]",
+                      f"{r['overall']:+.2f}% [{r['overall_ci'][0]:+.2f}, {r['overall_ci'][1]:+.2f}]"]
+        committed = record.get("own_recomputes", {}).get("overall_change")
+        cells.append("" if committed is None else f"{committed:+.2f}%")
+        rows.append(f"| {path.parent.name} | {data} | {record['settings']['pairs']} | " + " | ".join(cells) + " |")
+    if not rows:
+        return []
+    return ["", "## Do the latents carry their context? (experiments/context_swap.py)", "",
+            ("Each test sequence's own latents vs the latents computed at the same points of another test sequence "
+            "(sequence i with i + S/2), on the same targets; 95% bootstrap intervals over pairs. The last column is "
+            "the run's committed `eval perplexity` result over k = 1..32, which \"own\" recomputes when the "
+            "checkpoint is the one evaluated."), "",
+            ("| run | data | pairs | own k=1 | own k = 1..32 | swapped k=1 | swapped k = 1..32 | swapped vs own k=1 "
+            "| swapped vs own k = 1..32 | committed eval, k = 1..32 |"),
+            "|---|---|---:|---:|---:|---:|---:|---:|---:|---:|", *rows]
+
+
 def plot_seeds(comparisons: dict[str, dict], path: Path) -> None:
     import matplotlib
 
@@ -362,6 +389,7 @@ def main() -> None:
             if any(dataset in run["evals"] for run in members):
                 plot_change(members, dataset, args.results / f"change-{dataset}-{group}.png", group)
         plot_curves(members, args.results / f"curves-{group}.png", group)
+    lines += swap_table(args.results)
     (args.results / "report.md").write_text("\n".join(lines) + "\n")
     print("\n".join(lines))
 
