@@ -25,6 +25,17 @@ def _git(*arguments: str) -> str | None:
     return done.stdout if done.returncode == 0 else None
 
 
+def _cpu_model() -> str | None:
+    """The CPU's model name (Linux: /proc/cpuinfo), else what platform knows."""
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or None
+
+
 def provenance(command: str | None = None) -> dict:
     """What produced a result file: ``command`` (default: this process's command line), the git commit of this
     source tree and whether the package's source had uncommitted changes, the machine and library versions."""
@@ -40,6 +51,9 @@ def provenance(command: str | None = None) -> dict:
         "machine": {
             "node": platform.node(), "processor": platform.processor() or platform.machine(), "cpus": os.cpu_count(),
             "torch_threads": torch.get_num_threads(),
+            # two VMs of one kind can round differently (another CPU, another SIMD kernel): 500 training steps then
+            # end in measurably different models (results/recipe-smollm2/README.md), so both are recorded
+            "cpu_model": _cpu_model(), "cpu_capability": torch.backends.cpu.get_cpu_capability(),
             "cuda": torch.cuda.get_device_name() if torch.cuda.is_available() else None,
         },
         "versions": {"python": platform.python_version(), "torch": torch.__version__,
