@@ -179,6 +179,14 @@ def table(runs: list[dict], dataset: str) -> str:
     return "\n".join(lines)
 
 
+def k1_and_overall(change: dict, digits: int = 1) -> tuple[str, str]:
+    """"x% [low, high]" at k=1 and over every offset, from a change with by_offset(_ci) and overall(_ci) (a paired
+    change, or context_swap.py's summaries)."""
+    def text(value: float, interval: list[float]) -> str:
+        return f"{value:+.{digits}f}% [{interval[0]:+.{digits}f}, {interval[1]:+.{digits}f}]"
+    return text(change["by_offset"][0], change["by_offset_ci"][0]), text(change["overall"], change["overall_ci"])
+
+
 def head_to_head(runs: list[dict], dataset: str, first: str, second: str) -> str:
     """How many offsets ``first`` changes perplexity less (is better) than ``second``."""
     found = {r["name"]: r["evals"][dataset] for r in runs if dataset in r["evals"]}
@@ -190,13 +198,11 @@ def head_to_head(runs: list[dict], dataset: str, first: str, second: str) -> str
         paired = PositionEval.from_dict(found[first]).paired_change(PositionEval.from_dict(found[second]))
     except InputError:  # not the same targets: no paired interval
         return text
-    (low, high), (first_low, first_high) = paired["overall_ci"], paired["by_offset_ci"][0]
+    k1, overall = k1_and_overall(paired)
     better = sum(hi < 0 for _, hi in paired["by_offset_ci"])
     worse = sum(lo > 0 for lo, _ in paired["by_offset_ci"])
     return (f"{text} Paired (the same sequences resampled for both), {first}'s perplexity vs {second}'s: k=1 "
-            f"{paired['by_offset'][0]:+.1f}% [{first_low:+.1f}, {first_high:+.1f}], k = 1..{len(a)} "
-            f"{paired['overall']:+.1f}% [{low:+.1f}, {high:+.1f}]; offsets whose 95% interval is below 0: {better}, "
-            f"above 0: {worse}.")
+            f"{k1}, k = 1..{len(a)} {overall}; offsets whose 95% interval is below 0: {better}, above 0: {worse}.")
 
 
 def seed_mean(evals: list[PositionEval]) -> PositionEval:
@@ -220,12 +226,11 @@ def seed_comparison(runs: list[dict], dataset: str, first: str, second: str) -> 
     paired = seed_mean([found[r] for r in groups[first]]).paired_change(seed_mean([found[r] for r in groups[second]]))
     cross = [overall(a, b) for a in groups[first] for b in groups[second]]
     within = {name: [overall(a, b) for i, a in enumerate(members) for b in members[i + 1:]] for name, members in groups.items()}
-    (low, high), offsets = paired["overall_ci"], len(paired["by_offset"])
+    (k1, k_all), offsets = k1_and_overall(paired), len(paired["by_offset"])
     spread = "; ".join(f"{name}: {', '.join(f'{v:+.1f}%' for v in values)}" for name, values in within.items())
     text = (f"**{first} ({len(groups[first])} seeds) vs {second} ({len(groups[second])} seeds)**, seed-mean NLL, paired: "
-            f"better at {sum(v < 0 for v in paired['by_offset'])} of {offsets} offsets; k=1 {paired['by_offset'][0]:+.1f}% "
-            f"[{paired['by_offset_ci'][0][0]:+.1f}, {paired['by_offset_ci'][0][1]:+.1f}], k = 1..{offsets} "
-            f"{paired['overall']:+.1f}% [{low:+.1f}, {high:+.1f}] (intervals over test sequences); offsets whose interval "
+            f"better at {sum(v < 0 for v in paired['by_offset'])} of {offsets} offsets; k=1 {k1}, k = 1..{offsets} "
+            f"{k_all} (intervals over test sequences); offsets whose interval "
             f"is below 0: {sum(hi < 0 for _, hi in paired['by_offset_ci'])}, above 0: "
             f"{sum(lo > 0 for lo, _ in paired['by_offset_ci'])}. k = 1..{offsets}, every cross pair ({first} seed vs "
             f"{second} seed): {', '.join(f'{v:+.1f}%' for v in cross)}; between seeds of one recipe: {spread}.")
@@ -238,11 +243,8 @@ def swap_table(results: Path) -> list[str]:
     for path in sorted(results.glob("*/context-swap-*.json")):
         record = json.loads(path.read_text())
         data = path.stem.removeprefix("context-swap-")
-        cells = []
-        for key in ("own_vs_base", "swapped_vs_base", "swapped_vs_own"):
-            r = record[key]
-            cells += [f"{r['by_offset'][0]:+.2f}% [{r['by_offset_ci'][0][0]:+.2f}, {r['by_offset_ci'][0][1]:+.2f}]",
-                      f"{r['overall']:+.2f}% [{r['overall_ci'][0]:+.2f}, {r['overall_ci'][1]:+.2f}]"]
+        cells = [text for key in ("own_vs_base", "swapped_vs_base", "swapped_vs_own")
+                 for text in k1_and_overall(record[key], digits=2)]
         committed = record.get("own_recomputes", {}).get("overall_change")
         cells.append("" if committed is None else f"{committed:+.2f}%")
         rows.append(f"| {path.parent.name} | {data} | {record['settings']['pairs']} | " + " | ".join(cells) + " |")
@@ -250,11 +252,11 @@ def swap_table(results: Path) -> list[str]:
         return []
     return ["", "## Do the latents carry their context? (experiments/context_swap.py)", "",
             ("Each test sequence's own latents vs the latents computed at the same points of another test sequence "
-            "(sequence i with i + S/2), on the same targets; 95% bootstrap intervals over pairs. The last column is "
-            "the run's committed `eval perplexity` result over k = 1..32, which \"own\" recomputes when the "
-            "checkpoint is the one evaluated."), "",
+             "(sequence i with i + S/2), on the same targets; 95% bootstrap intervals over pairs. The last column is "
+             "the run's committed `eval perplexity` result over k = 1..32, which \"own\" recomputes when the "
+             "checkpoint is the one evaluated."), "",
             ("| run | data | pairs | own k=1 | own k = 1..32 | swapped k=1 | swapped k = 1..32 | swapped vs own k=1 "
-            "| swapped vs own k = 1..32 | committed eval, k = 1..32 |"),
+             "| swapped vs own k = 1..32 | committed eval, k = 1..32 |"),
             "|---|---|---:|---:|---:|---:|---:|---:|---:|---:|", *rows]
 
 
